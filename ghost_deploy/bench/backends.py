@@ -1,0 +1,306 @@
+"""Backends for `bench`: one small class per way of running the model, all with the same interface.
+
+A backend takes file paths (a checkpoint, an ONNX, an engine), never another stage's internals, and
+turns a feed `{input name: float32 NCHW array}` into the raw head maps `[(B, na*(nc+5), H, W), ...]`.
+Adding a backend is one subclass: set `kind`, implement `_load`, `_infer` and (optionally) `_close`.
+Heavy imports (torch, onnxruntime, tensorrt) happen in `load()`, so a missing library makes that one
+backend `BackendUnavailable` (skipped, with the reason in the report) instead of breaking the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ghost_deploy.errors import UserError
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run on this machine (library or GPU absent); the reason goes in the report."""
+
+
+class Backend:
+    """Base class. Subclasses set `kind` and `precision` and implement `_load` / `_infer`."""
+
+    kind = "base"
+
+    def __init__(self, name: str, precision: str, artifact_paths: dict[str, str]):
+        self.name = name
+        self.precision = precision
+        self.artifact_paths = {role: str(path) for role, path in artifact_paths.items()}
+        self.input_names: tuple[str, ...] = ()
+        self.loaded = False
+
+    # -- interface ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        if not self.loaded:
+            self._load()
+            self.loaded = True
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Raw head maps for one batch, in head order."""
+        if not self.loaded:
+            raise RuntimeError(f"backend {self.name} used before load()")
+        return self._infer(feed)
+
+    def close(self) -> None:
+        if self.loaded:
+            self._close()
+            self.loaded = False
+
+    def device_memory(self) -> int | None:
+        """Peak device (GPU) memory in bytes since load, or None on a CPU backend."""
+        return None
+
+    def static_batch(self) -> int | None:
+        """The only batch size this backend accepts, or None when any batch runs."""
+        return None
+
+    def static_image_size(self) -> int | None:
+        """The input side this backend was built for, or None when the spatial size is dynamic."""
+        return None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "precision": self.precision, "artifacts": self.artifact_paths}
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+    def __enter__(self):
+        self.load()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UserError(path, f"{what} not found")
+    if not path.is_file():
+        raise UserError(path, f"expected a {what} file, found a folder")
+    return path
+
+
+class TorchBackend(Backend):
+    """A checkpoint run in PyTorch: FP32 for a teacher, GHOST fake-quant for a checkpoint with a bit plan.
+
+    `fake_quant=None` follows the checkpoint; `True` on a checkpoint without a bit plan (or `False` on one
+    with a plan, whose FP32 form is its teacher) is refused.
+    """
+
+    kind = "torch"
+
+    def __init__(self, checkpoint: str | os.PathLike, fake_quant: bool | None = None, device: str = "cpu",
+                 threads: int | None = None, name: str | None = None):
+        from ghost_deploy.checkpoint import read_meta
+
+        path = _require_file(Path(checkpoint), "checkpoint")
+        self.meta = read_meta(path)
+        has_plan = bool(self.meta.get("bit_plan"))
+        if fake_quant is None:
+            fake_quant = has_plan
+        if fake_quant and not has_plan:
+            raise UserError(path, "fake-quant requested but this checkpoint has no bit plan (it is an FP32 model)")
+        if not fake_quant and has_plan:
+            raise UserError(path, "checkpoint is quantized (has a bit plan); its FP32 form is the teacher checkpoint")
+        self.fake_quant = fake_quant
+        default_name = "torch-ghost" if fake_quant else "torch-fp32"
+        super().__init__(name or default_name, "fake-quant" if fake_quant else "fp32", {"checkpoint": path})
+        self.path = path
+        self.device = device
+        self.threads = threads
+        self.input_names = tuple(self.meta.get("input_names") or ())
+        self.model = None
+
+    def _load(self) -> None:
+        try:
+            import torch
+
+            from ghost_deploy.train import model_from_checkpoint
+        except ImportError as exc:
+            raise BackendUnavailable(f"cannot import PyTorch or the model code ({exc})") from None
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(f"device {self.device} requested but CUDA is not available")
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            model, _ = model_from_checkpoint(self.path, with_sr=False)
+        except ImportError as exc:  # the quant module is optional for FP32 checkpoints only
+            raise BackendUnavailable(f"cannot rebuild the quantized model ({exc})") from None
+        self._torch = torch
+        self.model = model.to(self.device).eval()
+        self.input_names = tuple(self.model.input_names)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _infer(self, feed):
+        torch = self._torch
+        missing = [name for name in self.input_names if name not in feed]
+        if missing:
+            raise UserError(self.path, f"inputs {missing} not provided (got {sorted(feed)})")
+        with torch.inference_mode():
+            inputs = [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device) for name in self.input_names]
+            heads = self.model(*inputs)
+            outputs = [head.float().cpu().numpy() for head in heads]  # .cpu() waits for the GPU
+        return outputs
+
+    def _close(self) -> None:
+        self.model = None
+
+    def device_memory(self) -> int | None:
+        if self.device.startswith("cuda") and self.model is not None:
+            return int(self._torch.cuda.max_memory_allocated(self.device))
+        return None
+
+
+class OrtBackend(Backend):
+    """An ONNX (FP32 or QDQ) run with ONNX Runtime on the CPU.
+
+    Same session setup as the torch-free `engines.runners.OrtRunner`, plus one bench-specific option:
+    intra-op threads do not spin-wait after a run. Spinning threads keep burning the cores for a while
+    after each inference, which slowed the next backend of an interleaved round by 2x in our runs; a
+    deployed process that runs only this model may prefer spinning (slightly lower latency).
+    """
+
+    kind = "onnxruntime"
+
+    def __init__(self, onnx_path: str | os.PathLike, label: str | None = None, threads: int | None = None,
+                 providers=("CPUExecutionProvider",), spin_wait: bool = False):
+        from ghost_deploy.bench.sizes import onnx_precision
+
+        path = _require_file(Path(onnx_path), "ONNX file")
+        precision = onnx_precision(path)
+        super().__init__(label or f"ort-{path.stem}", precision, {"onnx": path})
+        self.path = path
+        self.threads = threads
+        self.providers = tuple(providers)
+        self.spin_wait = spin_wait
+        self.session = None
+        self.output_names: list[str] = []
+        self._input_shapes: dict[str, list] = {}
+
+    def _load(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailable(f"onnxruntime is not installed ({exc})") from None
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin_wait else "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(self.providers))
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise UserError(self.path, f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+        from ghost_deploy.bench.prepost import head_outputs
+
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        declared = self.session.get_modelmeta().custom_metadata_map.get("ghost.head_output_names")
+        self.output_names = head_outputs([o.name for o in self.session.get_outputs()],
+                                         json.loads(declared) if declared else None)
+        self._input_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
+
+    def _infer(self, feed):
+        missing = [name for name in self.input_names if name not in feed]
+        if missing:
+            raise UserError(self.path, f"inputs {missing} not provided (got {sorted(feed)})")
+        return self.session.run(self.output_names, {name: np.ascontiguousarray(feed[name]) for name in self.input_names})
+
+    def _close(self) -> None:
+        self.session = None
+
+    def static_batch(self) -> int | None:
+        dims = {shape[0] for shape in self._input_shapes.values() if shape and isinstance(shape[0], int)}
+        return dims.pop() if len(dims) == 1 else None
+
+    def static_image_size(self) -> int | None:
+        sides = {shape[-1] for shape in self._input_shapes.values() if len(shape) == 4 and isinstance(shape[-1], int)}
+        return sides.pop() if len(sides) == 1 else None
+
+
+class TrtBackend(Backend):
+    """A serialized TensorRT engine through the torch-free `engines.trt.EngineRunner` (TensorRT + CUDA)."""
+
+    kind = "tensorrt"
+
+    def __init__(self, engine_path: str | os.PathLike, label: str | None = None):
+        path = _require_file(Path(engine_path), "engine")
+        super().__init__(label or f"trt-{path.stem}", "engine", {"engine": path})
+        self.path = path
+        self.runner = None
+        self.head_names: list[str] = []
+
+    def _load(self) -> None:
+        from ghost_deploy.engines.trt import EngineRunner, TensorRTUnavailable
+
+        try:
+            self.runner = EngineRunner(self.path)
+        except TensorRTUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+        except ImportError as exc:  # pycuda / cuda-python absent
+            raise BackendUnavailable(f"CUDA bindings missing ({exc})") from None
+        from ghost_deploy.bench.prepost import head_outputs
+
+        self.input_names = tuple(self.runner.input_names)
+        self.head_names = head_outputs(self.runner.output_names)
+
+    def _infer(self, feed):
+        outputs = self.runner.infer(feed)
+        return [outputs[name] for name in self.head_names]
+
+    def _close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = None
+
+    def device_memory(self) -> int | None:
+        # The engine's activation memory; weights live in the engine allocation TensorRT made at load.
+        engine = getattr(self.runner, "engine", None)
+        for attribute in ("device_memory_size_v2", "device_memory_size"):
+            value = getattr(engine, attribute, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def static_batch(self) -> int | None:
+        engine = getattr(self.runner, "engine", None)
+        if engine is None or not self.input_names:
+            return None
+        try:
+            low, _, high = engine.get_tensor_profile_shape(self.input_names[0], 0)
+        except Exception:  # static engines have no optimisation profile
+            shape = tuple(engine.get_tensor_shape(self.input_names[0]))
+            return shape[0] if shape and shape[0] > 0 else None
+        return low[0] if low[0] == high[0] else None
+
+
+def backends_from_artifacts(artifacts: dict, threads: int | None = None, device: str = "cpu") -> list[Backend]:
+    """Backends for an artifacts dict: `checkpoints` (teacher first, then GHOST), `onnx`, `engines` (lists of paths).
+
+    Every checkpoint runs as PyTorch (FP32 or fake-quant, as it holds), every ONNX with ONNX Runtime on
+    the CPU, every engine with TensorRT. Names stay unique (a suffix is added on collisions).
+    """
+    backends: list[Backend] = []
+    for path in artifacts.get("checkpoints", []):
+        backends.append(TorchBackend(path, fake_quant=None, device=device, threads=threads))
+    for path in artifacts.get("onnx", []):
+        backends.append(OrtBackend(path, threads=threads))
+    for path in artifacts.get("engines", []):
+        backends.append(TrtBackend(path))
+    seen: dict[str, int] = {}
+    for backend in backends:
+        count = seen.get(backend.name, 0)
+        seen[backend.name] = count + 1
+        if count:
+            backend.name = f"{backend.name}-{count + 1}"
+    return backends

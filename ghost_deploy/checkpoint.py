@@ -1,0 +1,137 @@
+"""Checkpoints: one safetensors file whose header carries the JSON that makes it self-describing.
+
+The JSON (`ghost` key of the safetensors metadata) holds the model config, classes, input mode, image
+size, the recipe, the bit plan of a quantized model, and metrics. Loading never unpickles anything:
+a legacy `.pt` file is refused unless it loads with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .io import atomic_path
+
+FORMAT = "ghost-deploy/checkpoint/v1"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the tensors and the metadata that says how to rebuild the model."""
+
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+    path: Path | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model`'s state (plus optional extra tensors, e.g. EMA or optimiser state) atomically."""
+    tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    for key, value in (extra or {}).items():
+        tensors[key] = value.detach().to("cpu").contiguous()
+    header = {"format": FORMAT, **meta}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ghost": json.dumps(header)})
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The JSON header of a checkpoint, without loading tensors."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(path, f"not a safetensors checkpoint ({error})") from None
+    return _parse_meta(path, metadata)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    _check_exists(path)
+    if path.suffix in {".pt", ".pth"}:
+        return _load_legacy(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise UserError(path, f"not a readable safetensors checkpoint ({error})") from None
+    meta = _parse_meta(path, metadata)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(path, f"tensor {name} has non-finite values (NaN or inf)")
+    return Checkpoint(meta=meta, tensors=tensors, path=path)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise UserError(path, "no such checkpoint")
+    if path.is_dir():
+        raise UserError(path, "is a folder, expected a .safetensors checkpoint")
+
+
+def _parse_meta(path: Path, metadata: dict) -> dict:
+    if "ghost" not in metadata:
+        raise UserError(path, "safetensors file has no ghost-deploy metadata (not one of our checkpoints)")
+    try:
+        meta = json.loads(metadata["ghost"])
+    except json.JSONDecodeError as error:
+        raise UserError(path, f"checkpoint metadata is not valid JSON ({error})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(path, f"unknown checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+    for key in ("model", "nc", "names", "input_mode"):
+        if key not in meta:
+            raise UserError(path, f"checkpoint metadata lacks {key!r}")
+    return meta
+
+
+def _load_legacy(path: Path) -> Checkpoint:
+    """A `.pt` is read only as plain tensors (weights_only=True): pickled code is refused, never run."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError or RuntimeError subclasses here
+        raise UserError(path, f"refused: legacy checkpoint holds objects other than tensors ({type(error).__name__}); "
+                        "only safetensors checkpoints or weights-only .pt files are loaded") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(path, "legacy checkpoint is not a flat dict of tensors")
+    raise UserError(path, "legacy .pt read safely (weights only) but it has no ghost-deploy metadata: build the model "
+                    "with ghost_deploy.build_model(...) and load_state_dict() it yourself, then save a checkpoint")
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike | None, strict: bool = True) -> None:
+    """`load_state_dict` with missing/extra tensors and shape mismatches reported as one-line UserErrors."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if strict and (missing or extra):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+        raise UserError(path, "checkpoint does not match the model: " + ", ".join(parts))
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise UserError(path, f"tensor {key} has shape {tuple(value.shape)}, model expects {tuple(expected[key].shape)}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)

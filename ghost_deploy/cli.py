@@ -1,0 +1,157 @@
+"""The `ghost-deploy` command line: thin wrappers over the stage functions.
+
+Exit codes: 0 success, 1 a parity gate failed (the report is saved), 2 bad input (one line naming the
+file and the problem; `--debug` shows the traceback).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import EXIT_PARITY, EXIT_USER, ParityError, UserError
+
+DEBUG = {"on": False}
+
+
+def _handle_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as error:
+            if DEBUG["on"]:
+                traceback.print_exc()
+            click.echo(f"error: {error.line()}", err=True)
+            sys.exit(EXIT_USER)
+        except ParityError as error:
+            if DEBUG["on"]:
+                traceback.print_exc()
+            click.echo(f"parity gate FAILED: {error}", err=True)
+            sys.exit(EXIT_PARITY)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing half-written was kept", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors (they are one line otherwise).")
+@click.version_option(package_name="ghost-deploy")
+def main(debug: bool) -> None:
+    """ghost-deploy: GHOST mixed-precision detectors for RGB+IR imagery, from training to TensorRT engines.
+
+    \b
+    Typical flow (each stage reads the previous stage's artifact):
+      ghost-deploy train                       FP32 teacher -> HQ bit plan -> GHOST QAT with self-distillation
+      ghost-deploy export --onnx RUN/ghost.safetensors   QDQ ONNX + parity gate vs PyTorch (ONNX Runtime)
+      ghost-deploy build-engine --target jetson          TensorRT engine, or a deployment bundle off-device
+      ghost-deploy bench                       latency, size and mAP of every form of the model
+      ghost-deploy pipeline                    all of the above on the embedded demo set
+    """
+    DEBUG["on"] = debug
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=False)
+
+
+@main.command()
+@click.option("--stage", type=click.Choice(["teacher", "ghost", "all"]), default="all", show_default=True,
+              help="teacher: FP32 only; ghost: HQ + QAT from --teacher; all: both.")
+@click.option("--recipe", default="demo", show_default=True, help="Recipe name in training/ or a YAML path.")
+@click.option("--data", type=click.Path(), default=None, help="Dataset YAML (default: the recipe's, else the embedded demo set).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe>).")
+@click.option("--teacher", type=click.Path(), default=None, help="FP32 teacher checkpoint for --stage ghost.")
+@click.option("--bit-plan", type=click.Path(), default=None, help="Use this (edited) bit plan JSON instead of HQ.")
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs for every stage run.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved epoch.")
+@click.option("--strict", is_flag=True, help="Bad samples are errors instead of skipped with a warning.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Processes for DDP (torchrun-style, gloo on CPU).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@_handle_errors
+def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, resume, strict, nproc, no_progress):
+    """Train the FP32 teacher and/or the GHOST mixed-precision student.
+
+    With no arguments: the demo recipe on the embedded RGB+IR dataset, teacher then GHOST, into runs/demo.
+    """
+    from .pipeline import run_training
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    out = Path(out_dir or Path("runs") / loaded["name"])
+    run_training(loaded, out, stage=stage, data=data, teacher=teacher, bit_plan=bit_plan, epochs=epochs, device=device,
+                 resume=resume, strict=strict, nproc=nproc, progress=not no_progress, log=_log)
+
+
+@main.command("build-engine")
+@click.option("--onnx", "onnx_path", type=click.Path(), default=None,
+              help="QDQ ONNX from `export` (default: the newest in runs/demo/export).")
+@click.option("--target", default="jetson", show_default=True,
+              help="Target profile in engines/targets (jetson = the board we run on, else jetson-agx-orin).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (default: beside the ONNX, engine/).")
+@click.option("--parity-set", type=click.Path(), default=None, help="Parity set .npz (default: the one export saved beside the ONNX).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint the ONNX came from (hashed into the receipt).")
+@click.option("--dla-core", type=int, multiple=True, help="Also build for this DLA core (parity-checked separately).")
+@click.option("--timing-cache", type=click.Path(), default=None, help="TensorRT timing cache file (read and updated).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimisation level.")
+@click.option("--strongly-typed", is_flag=True, help="TensorRT 10.x: build strongly typed (11.x always is).")
+@click.option("--require-engine", is_flag=True, help="Exit 1 when no engine can be built here (instead of writing a bundle).")
+@click.option("--verify", "verify_engine", type=click.Path(), default=None,
+              help="Check this machine's TensorRT/GPU/JetPack against ENGINE's receipt, then exit.")
+@_handle_errors
+def build_engine(onnx_path, target, out_dir, parity_set, checkpoint, dla_core, timing_cache, opt_level, strongly_typed,
+                 require_engine, verify_engine):
+    """Compile the QDQ ONNX into a TensorRT engine for TARGET, parity-checked on every build.
+
+    Where TensorRT or the target GPU is absent (any x86 dev box or CI), writes a deployment bundle
+    instead: the ONNX, the profile, the parity set, a partial receipt, a one-command build script
+    for the device and the equivalent trtexec lines. It says plainly that no engine was built.
+    """
+    from .engines import build, verify_runtime
+
+    if verify_engine:
+        receipt = Path(verify_engine)
+        receipt = receipt if receipt.suffix == ".json" else receipt.with_suffix(".receipt.json")
+        if not receipt.exists():
+            raise UserError(receipt, "no receipt beside this engine")
+        problems = verify_runtime(receipt)
+        for problem in problems:
+            click.echo(f"mismatch: {problem}")
+        click.echo("runtime matches the receipt" if not problems else f"{len(problems)} mismatch(es): rebuild the engine here")
+        sys.exit(EXIT_USER if problems else 0)
+    onnx = Path(onnx_path) if onnx_path else _newest(Path("runs/demo/export"), "*.onnx")
+    result = build(onnx, target, Path(out_dir) if out_dir else onnx.parent.parent / "engine", require_engine=require_engine,
+                   dla_core=list(dla_core) or None, timing_cache=timing_cache, parity_set=parity_set, checkpoint=checkpoint,
+                   opt_level=opt_level, strongly_typed=strongly_typed)
+    if result["status"] == "engine":
+        for engine in result["engines"]:
+            click.echo(f"engine: {engine['engine']} (receipt {engine['receipt']})")
+    else:
+        click.echo(f"NO ENGINE WAS BUILT: {result['reason']}")
+        click.echo(f"deployment bundle: {result.get('bundle_dir')} ({result.get('bundle_tar')})")
+    sys.exit(result["exit_code"])
+
+
+def _newest(folder: Path, pattern: str) -> Path:
+    found = sorted((p for p in folder.glob(pattern) if ".FAILED." not in p.name), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(folder, f"no {pattern} here; pass the file explicitly")
+    return found[-1]
+
+
+def _register_stage_commands() -> None:
+    from .bench.cli import bench_command
+
+    main.add_command(bench_command)
+
+
+_register_stage_commands()
+
+if __name__ == "__main__":
+    main()

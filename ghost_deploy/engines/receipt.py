@@ -1,0 +1,236 @@
+"""The receipt written beside every engine (and, partial, into every bundle).
+
+It records what the engine is bound to (TensorRT major.minor, GPU SM, JetPack/L4T), what went in (hashes of
+checkpoint, ONNX, parity set), what came out (engine hash, per-layer precision as built, DLA placement),
+the parity verdict, and how engine layers map back to the bit plan. `verify_runtime` reads it before
+TensorRT does, so a version or GPU mismatch gets a plain sentence instead of a deserialisation failure.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ghost_deploy.errors import UserError
+from ghost_deploy.io import sha256_file, write_json_atomic
+
+RECEIPT_SCHEMA = "ghost-deploy/engine-receipt/1"
+BIT_PLAN_METADATA_KEY = "ghost.bit_plan"
+NV_TEGRA_RELEASE = "/etc/nv_tegra_release"
+
+
+def read_l4t_release(path: str = NV_TEGRA_RELEASE) -> str | None:
+    """'# R36 (release), REVISION: 4.3, ...' -> '36.4.3'; None off-Jetson."""
+    try:
+        first = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    match = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", first)
+    return f"{match.group(1)}.{match.group(2)}" if match else first.strip()
+
+
+def _cuda_python_device() -> dict | None:
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart
+    except ImportError:
+        return None
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if err != cudart.cudaError_t.cudaSuccess:
+        return None
+    err_rt, runtime_version = cudart.cudaRuntimeGetVersion()
+    err_drv, driver_version = cudart.cudaDriverGetVersion()
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    fmt = lambda v: f"{v // 1000}.{(v % 1000) // 10}"  # noqa: E731  (CUDA encodes 12060 as 12.6)
+    return {"gpu_name": name, "compute_capability": f"{props.major}.{props.minor}",
+            "cuda_runtime": fmt(runtime_version) if err_rt == cudart.cudaError_t.cudaSuccess else None,
+            "cuda_driver_api": fmt(driver_version) if err_drv == cudart.cudaError_t.cudaSuccess else None}
+
+
+def _nvidia_smi() -> dict | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    parts = [p.strip() for p in first.split(",")]
+    if len(parts) < 3:
+        return None
+    return {"gpu_name": parts[0], "compute_capability": parts[1], "driver_version": parts[2]}
+
+
+def observe_environment() -> dict:
+    """What this machine runs: TensorRT, CUDA, driver, GPU name and SM, L4T, Jetson board."""
+    from ghost_deploy.engines.targets import detect_jetson, read_device_tree_model
+    from ghost_deploy.engines.trt import trt_version
+
+    env = {"tensorrt_version": trt_version(), "cuda_runtime": None, "cuda_driver_api": None, "driver_version": None,
+           "gpu_name": None, "compute_capability": None, "l4t": read_l4t_release(),
+           "device_tree_model": read_device_tree_model(), "jetson_target": None}
+    for source in (_cuda_python_device(), _nvidia_smi()):
+        for key, value in (source or {}).items():
+            if env.get(key) is None and value not in (None, "", "[N/A]", "N/A"):
+                env[key] = value
+    board = detect_jetson(env["device_tree_model"]) if env["device_tree_model"] else None
+    if board is not None:
+        env["jetson_target"] = board.name
+        if env["compute_capability"] is None:  # Jetson nvidia-smi may lack compute_cap; the SoC fixes it
+            env["compute_capability"] = board.compute_capability
+    return env
+
+
+def read_onnx_metadata(onnx_path) -> dict[str, str]:
+    """The ONNX metadata_props as a dict; {} when the optional onnx package is absent."""
+    try:
+        import onnx
+    except ImportError:
+        return {}
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError / OSError variants
+        raise UserError(onnx_path, f"cannot read ONNX ({exc})") from None
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def read_bit_plan(onnx_path, metadata: dict | None = None) -> dict | None:
+    """The bit plan the export stage stored in the ONNX metadata (`ghost.bit_plan`); None if absent."""
+    metadata = read_onnx_metadata(onnx_path) if metadata is None else metadata
+    if BIT_PLAN_METADATA_KEY not in metadata:
+        return None
+    try:
+        return json.loads(metadata[BIT_PLAN_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise UserError(onnx_path, f"metadata '{BIT_PLAN_METADATA_KEY}' is not valid JSON ({exc})") from None
+
+
+def plan_layers(bit_plan: dict | None) -> dict[str, dict]:
+    """{layer name: its plan entry} from the bit-plan JSON ('layers' as a mapping or a list of {'name': ...})."""
+    if not bit_plan:
+        return {}
+    layers = bit_plan.get("layers", bit_plan) if isinstance(bit_plan, dict) else bit_plan
+    if isinstance(layers, dict):
+        return {str(k): (v if isinstance(v, dict) else {"weight_bits": v}) for k, v in layers.items()
+                if isinstance(v, (dict, int))}
+    if isinstance(layers, list):
+        return {str(item["name"]): item for item in layers if isinstance(item, dict) and "name" in item}
+    return {}
+
+
+def map_engine_layers_to_plan(engine_layers: list[str], plan_layer_names) -> dict[str, list[str]]:
+    """{plan layer: engine layers whose name contains it as a whole dotted name}.
+
+    Fused engine layers carry every ONNX node name they absorbed ('model.3.conv + model.3.act ...');
+    exporters that write '/model.3/conv/Conv' are matched too ('/' is read as '.').
+    """
+    normalised = [(name, name.replace("/", ".")) for name in engine_layers]
+    mapping = {}
+    for plan_name in plan_layer_names:
+        pattern = re.compile(r"(?<![A-Za-z0-9_])" + re.escape(plan_name) + r"(?![A-Za-z0-9_])")
+        mapping[plan_name] = [name for name, text in normalised if pattern.search(text)]
+    return mapping
+
+
+def plan_precision_report(layers: list[dict], bit_plan: dict | None) -> dict:
+    """Per plan layer: engine layers and the precision they ran in; warns where a quantized layer is not INT8."""
+    entries = plan_layers(bit_plan)
+    # reformat/copy layers only move a tensor between formats; their names mention the consumer layer
+    compute = [layer for layer in layers if "reformat" not in f"{layer.get('type')} {layer['name']}".lower()]
+    searchable = [f"{layer['name']} {layer.get('metadata') or ''}" for layer in compute]
+    mapping = map_engine_layers_to_plan(searchable, list(entries))
+    by_text = dict(zip(searchable, compute))
+    report, warnings = {}, []
+    for plan_name, texts in mapping.items():
+        precisions = sorted({by_text[t].get("precision") or "unknown" for t in texts})
+        report[plan_name] = {"engine_layers": [by_text[t]["name"] for t in texts], "precisions": precisions,
+                             "weight_bits": entries[plan_name].get("weight_bits")}
+        bits = entries[plan_name].get("weight_bits")
+        if not texts:
+            warnings.append(f"plan layer {plan_name} not found in any engine layer name")
+        elif isinstance(bits, int) and bits <= 8 and "INT8" not in precisions:
+            warnings.append(f"plan layer {plan_name} is W{bits} but ran {'/'.join(precisions)}")
+    return {"layers": report, "unmapped": [n for n, t in mapping.items() if not t], "warnings": warnings}
+
+
+def file_hashes(**paths) -> dict[str, str | None]:
+    return {key: (sha256_file(p) if p and Path(p).is_file() else None) for key, p in paths.items()}
+
+
+def make_receipt(*, target: dict, hashes: dict, bit_plan: dict | None, environment: dict | None = None,
+                 build: dict | None = None, parity: dict | None = None, extra: dict | None = None) -> dict:
+    """Assemble a receipt; `build` None means a partial receipt (no engine yet)."""
+    receipt = {
+        "schema": RECEIPT_SCHEMA,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "built": build is not None,
+        "engine": None if build is None else Path(build["engine_path"]).name,
+        "target": target,
+        "hashes": hashes,
+        "environment": environment,
+        "bit_plan": bit_plan,
+        "parity": parity,
+    }
+    if build is not None:
+        receipt.update({
+            "tensorrt_version": build["tensorrt_version"], "trt_world": build["trt_world"],
+            "flags": build["flags"], "dla_core": build["dla_core"], "build_seconds": build["build_seconds"],
+            "input_shapes": build["input_shapes"], "layers": build["layers"], "dla_placement": build["placement"],
+            "plan_mapping": plan_precision_report(build["layers"], bit_plan),
+        })
+    receipt.update(extra or {})
+    return receipt
+
+
+def write_receipt(path, receipt: dict) -> None:
+    write_json_atomic(path, receipt)
+
+
+def load_receipt(path) -> dict:
+    try:
+        receipt = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(path, "receipt not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(path, f"receipt is not readable JSON ({exc})") from None
+    if not isinstance(receipt, dict) or receipt.get("schema") != RECEIPT_SCHEMA:
+        raise UserError(path, f"not a ghost-deploy engine receipt (schema must be {RECEIPT_SCHEMA})")
+    return receipt
+
+
+def _major_minor(version: str | None) -> str | None:
+    return ".".join(version.split(".")[:2]) if version else None
+
+
+def verify_runtime(receipt_path, environment: dict | None = None) -> list[str]:
+    """Problems that would stop this engine from loading here ([] = fine). `environment` defaults to
+    `observe_environment()`; pass one to check another machine's description."""
+    receipt = load_receipt(receipt_path)
+    if not receipt.get("built"):
+        return [f"{receipt_path}: no engine was built (partial receipt); build it on the device first"]
+    env = observe_environment() if environment is None else environment
+    problems = []
+    built_trt, have_trt = receipt.get("tensorrt_version"), env.get("tensorrt_version")
+    if have_trt is None:
+        problems.append(f"TensorRT is not installed here; the engine needs TensorRT {_major_minor(built_trt)}.x")
+    elif _major_minor(built_trt) != _major_minor(have_trt):
+        problems.append(f"engine built with TensorRT {built_trt}, this machine has {have_trt} "
+                        f"(major.minor must match; rebuild with build_on_device.sh)")
+    built_env = receipt.get("environment") or {}
+    built_sm, have_sm = built_env.get("compute_capability"), env.get("compute_capability")
+    if built_sm and have_sm and str(built_sm) != str(have_sm):
+        problems.append(f"engine built for GPU SM {built_sm}, this GPU is SM {have_sm}")
+    elif built_sm and not have_sm:
+        problems.append(f"no CUDA GPU found here; the engine needs SM {built_sm}")
+    built_l4t, have_l4t = built_env.get("l4t"), env.get("l4t")
+    # the L4T major is the JetPack generation (R36 = JetPack 6, R38/R39 = JetPack 7); patch releases keep engines
+    if built_l4t and (have_l4t or "").split(".")[0] != built_l4t.split(".")[0]:
+        problems.append(f"engine built on L4T {built_l4t} (JetPack), this machine has "
+                        f"{'L4T ' + have_l4t if have_l4t else 'no L4T (not a Jetson)'}")
+    return problems

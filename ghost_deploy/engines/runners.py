@@ -1,0 +1,49 @@
+"""Torch-free runners sharing one interface: `input_names`, `output_names`, `infer(feed) -> dict`, `close()`.
+
+`OrtRunner` runs an ONNX with ONNX Runtime; `trt.EngineRunner` runs a TensorRT engine. Parity code takes
+any object with this interface, so the same comparison runs on a laptop (ORT) and on the Jetson (TRT).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ghost_deploy.errors import UserError
+
+
+class OrtRunner:
+    def __init__(self, onnx_path: str | os.PathLike, providers=("CPUExecutionProvider",), threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(None, "onnxruntime is not installed (pip install onnxruntime)") from None
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise UserError(self.path, "ONNX file not found")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise UserError(self.path, f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise UserError(self.path, f"inputs {missing} not provided (got {sorted(feed)})")
+        values = self.session.run(self.output_names, {n: np.ascontiguousarray(feed[n]) for n in self.input_names})
+        return dict(zip(self.output_names, values))
+
+    def close(self) -> None:
+        self.session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

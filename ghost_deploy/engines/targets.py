@@ -1,0 +1,145 @@
+"""Deployment target profiles (engines/targets/*.yaml) and Jetson board detection.
+
+A profile is data: compute capability, the TensorRT majors the platform ships, DLA cores, memory and
+workspace budgets, default batch/image size, and the device-tree model strings that identify the board.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ghost_deploy.errors import UserError
+
+TARGETS_DIR_ENV = "GHOST_DEPLOY_TARGETS_DIR"
+DEFAULT_JETSON = "jetson-agx-orin"
+DEVICE_TREE_MODEL_FILES = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model")
+REQUIRED_KEYS = ("name", "kind", "compute_capability", "tensorrt_majors", "dla_cores",
+                 "memory_budget_mb", "workspace_mb", "default_batch", "default_imgsz")
+
+
+@dataclass
+class TargetProfile:
+    name: str
+    kind: str  # "jetson" or "dgpu"
+    compute_capability: str | None
+    tensorrt_majors: list[int]
+    dla_cores: int
+    memory_budget_mb: int
+    workspace_mb: int
+    default_batch: int
+    default_imgsz: int
+    description: str = ""
+    compute_capability_aliases: list[str] = field(default_factory=list)
+    tensorrt_tested: list[str] = field(default_factory=list)
+    jetpack: list[str] = field(default_factory=list)
+    min_jetpack_for_trt11: str | None = None
+    memory_mb: int | None = None
+    device_tree_models: list[str] = field(default_factory=list)
+    source_path: str | None = None
+
+    @property
+    def is_jetson(self) -> bool:
+        return self.kind == "jetson"
+
+    def accepts_compute_capability(self, sm: str | None) -> bool:
+        """True when a GPU with this SM can run engines built for the profile (None profile SM = any)."""
+        if self.compute_capability is None:
+            return True
+        return sm is not None and str(sm) in [self.compute_capability, *self.compute_capability_aliases]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def targets_dir() -> Path:
+    """The folder of bundled profiles: GHOST_DEPLOY_TARGETS_DIR, else the source tree's engines/targets,
+    else a copy installed as package data (ghost_deploy/targets or ghost_deploy/engines/targets)."""
+    override = os.environ.get(TARGETS_DIR_ENV)
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent
+    candidates = (here.parents[1] / "engines" / "targets", here.parent / "targets", here / "targets")
+    return next((c for c in candidates if c.is_dir() and any(c.glob("*.yaml"))), candidates[0])
+
+
+def list_targets() -> list[str]:
+    folder = targets_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _parse_profile(path: Path) -> TargetProfile:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(path, f"cannot read target profile ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(path, "target profile must be a YAML mapping")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise UserError(path, f"target profile lacks {missing}")
+    known = set(TargetProfile.__dataclass_fields__) - {"source_path"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(path, f"target profile has unknown keys {unknown}")
+    if data["kind"] not in ("jetson", "dgpu"):
+        raise UserError(path, f"kind must be 'jetson' or 'dgpu', not {data['kind']!r}")
+    majors = data["tensorrt_majors"]
+    if not isinstance(majors, list) or not majors or not all(m in (10, 11) for m in majors):
+        raise UserError(path, f"tensorrt_majors must be a non-empty list of 10 and/or 11, not {majors!r}")
+    if data["compute_capability"] is not None:
+        data["compute_capability"] = str(data["compute_capability"])
+    data["compute_capability_aliases"] = [str(s) for s in data.get("compute_capability_aliases") or []]
+    for key in ("dla_cores", "memory_budget_mb", "workspace_mb", "default_batch", "default_imgsz"):
+        if not isinstance(data[key], int) or data[key] < 0:
+            raise UserError(path, f"{key} must be a non-negative integer, not {data[key]!r}")
+    return TargetProfile(**data, source_path=str(path))
+
+
+def load_target(name_or_path: str | os.PathLike) -> TargetProfile:
+    """A profile by name (`jetson-orin-nx`, or `jetson` for the board we run on) or by YAML path."""
+    text = str(name_or_path)
+    if text == "jetson":
+        return resolve_target("jetson")
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(path, "target profile not found")
+        return _parse_profile(path)
+    candidate = targets_dir() / f"{text}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(["jetson", *list_targets()])
+        raise UserError(None, f"unknown target '{text}'; known targets: {known}")
+    return _parse_profile(candidate)
+
+
+def read_device_tree_model(paths=DEVICE_TREE_MODEL_FILES) -> str | None:
+    for candidate in paths:
+        try:
+            raw = Path(candidate).read_bytes()
+        except OSError:
+            continue
+        return raw.rstrip(b"\x00\n ").decode("utf-8", errors="replace")
+    return None
+
+
+def detect_jetson(model_string: str | None = None) -> TargetProfile | None:
+    """The profile of the Jetson we run on (from the device-tree model string); None off-Jetson."""
+    model = read_device_tree_model() if model_string is None else model_string
+    if not model:
+        return None
+    lowered = model.lower()
+    for name in list_targets():
+        profile = load_target(name)
+        if any(pattern.lower() in lowered for pattern in profile.device_tree_models):
+            return profile
+    return None
+
+
+def resolve_target(name_or_path: str | os.PathLike, model_string: str | None = None) -> TargetProfile:
+    """`jetson` -> the board we run on, else the default Jetson (AGX Orin); anything else -> load_target."""
+    if str(name_or_path) == "jetson":
+        return detect_jetson(model_string) or load_target(DEFAULT_JETSON)
+    return load_target(name_or_path)

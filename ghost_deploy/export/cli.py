@@ -1,0 +1,61 @@
+"""`ghost-deploy export`: a thin click wrapper over `export_onnx` (registered in ghost_deploy/cli.py)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+
+def _cli_errors(func):
+    """The main CLI's error handling (UserError -> exit 2, ParityError -> exit 1), looked up at call time so
+    this module and ghost_deploy/cli.py can import each other in either order."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from ..cli import _handle_errors
+
+        return _handle_errors(func)(*args, **kwargs)
+
+    return wrapper
+
+
+def default_out_path(checkpoint: Path, fp32: bool, int4_weights: bool, target: str) -> Path:
+    stem = checkpoint.name[: -len(checkpoint.suffix)] if checkpoint.suffix else checkpoint.name
+    tags = [tag for tag, on in (("fp32", fp32), ("int4", int4_weights), ("cpu", target == "cpu")) if on]
+    return checkpoint.with_name(".".join([stem, *tags, "onnx"]))
+
+
+@click.command("export")
+@click.option("--onnx", "checkpoint", required=True, type=click.Path(), metavar="CKPT",
+              help="Checkpoint (.safetensors) to export as ONNX.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="ONNX path (default: beside the checkpoint, <stem>[.fp32|.int4|.cpu].onnx).")
+@click.option("--fp32", is_flag=True, help="Export the float model (teacher, or student without quantizers).")
+@click.option("--int4-weights", is_flag=True,
+              help="Store <=4-bit layers as INT4 initializers (opset 21): a smaller file; engines use the INT8 export.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim (it never changes Q/DQ; checked either way).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..21; INT4 needs 21).")
+@click.option("--target", type=click.Choice(["trt", "cpu"]), default="trt", show_default=True,
+              help="trt: TensorRT explicit quantization; cpu: the same values in ONNX Runtime's fast integer form.")
+@click.option("--decode", is_flag=True, help="Also output decoded boxes (B, N, 5+nc) as 'boxes'.")
+@click.option("--no-parity", is_flag=True, help="Skip the parity gate (no parity set is written).")
+@click.option("--parity-images", type=click.Path(file_okay=False), default=None,
+              help="Folder of images for the parity set (default: the dataset's val split).")
+@click.option("--data", type=click.Path(), default=None, help="Dataset YAML for the parity images.")
+@click.option("--per-layer", is_flag=True, help="Compare every layer (automatic when the gate fails).")
+@click.option("--no-progress", is_flag=True, help="Print nothing but errors.")
+@_cli_errors
+def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, target, decode, no_parity, parity_images,
+                   data, per_layer, no_progress):
+    """Export a checkpoint to a QDQ ONNX (per-layer bits kept), lint it for TensorRT, gate it on parity.
+
+    Exit 0: written and within budget. Exit 1: a check failed; the report is saved and the model is kept only
+    as <stem>.FAILED.onnx. Exit 2: bad input.
+    """
+    from .api import export_onnx
+
+    checkpoint = Path(checkpoint)
+    out_path = Path(out) if out else default_out_path(checkpoint, fp32, int4_weights, target)
+    export_onnx(checkpoint, out_path, fp32=fp32, int4_weights=int4_weights, simplify=not no_simplify, opset=opset,
+                target=target, decode=decode, parity=not no_parity, parity_images=parity_images,
+                per_layer=per_layer, data=data, progress=not no_progress)

@@ -1,0 +1,248 @@
+"""`target='cpu'`: the same real values, written in the form ONNX Runtime's integer kernels want.
+
+ONNX Runtime turns `DQ(x), DQ(w) -> Conv -> Q` into QLinearConv, and drops a ReLU in front of a Q whose
+zero-point is the type's minimum (u8, zero-point 0). The TensorRT form quantizes conv *inputs* only, so no Q
+follows a conv and ORT runs every conv in float, with a dequantize in front. This pass re-encodes:
+
+1. Conv output pairs. When everything a conv's (ReLU'd) output reaches, through ops a per-tensor quantizer
+   commutes with (Concat, MaxPool, nearest Resize), is quantized by one quantizer (one scale, one range),
+   quantizing right after the conv gives the same codes: Q(maxpool(x)) == maxpool(Q(x)), Q(concat) == concat(Q).
+   The pair goes there: u8 zero-point 0 after a ReLU (ORT then drops the ReLU), else u8 zero-point 128.
+2. Code ranges. The trained quantizer is narrow ([-qmax, qmax]); a `Clip` on the integer codes (Brevitas'
+   QCDQ form) keeps u8 codes inside it, so u8 code == s8 code (zero-point 0) or s8 code + 128.
+3. Every other activation pair: s8 zero-point 0 -> u8 zero-point 128 (identical values; ORT does this itself).
+4. Weights of convs ORT will still run in float are stored dequantized (float32(code) * scale, the exact
+   value DequantizeLinear computes), so no DequantizeLinear runs on every inference.
+
+The only numeric change is inside ORT: QLinearConv rounds the float bias to int32 at scale s_in * s_w and
+requantizes with its own rounding, so a code can move by one step. The parity gate measures it against the
+same budget as the TensorRT form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
+from .onnx_qdq import nonnegative_tensors
+
+_COMMUTING = ("Concat", "MaxPool", "Identity")
+
+
+@dataclass
+class ActPair:
+    quantize: onnx.NodeProto
+    dequantize: onnx.NodeProto
+    clip: onnx.NodeProto | None  # the float range clip in front of the Q (fewer bits, or maybe-negative input)
+    scale: float
+    qmax: int
+
+    @property
+    def source(self) -> str:
+        return (self.clip or self.quantize).input[0]
+
+    def key(self) -> tuple[float, int]:
+        return (self.scale, self.qmax)
+
+
+@dataclass
+class CpuFormSummary:
+    integer_convs: list[str] = field(default_factory=list)  # convs that got an output Q (QLinearConv in ORT)
+    float_convs: list[str] = field(default_factory=list)  # quantized convs ORT runs in float (weights dequantized)
+    reencoded_pairs: int = 0
+
+    def to_dict(self) -> dict:
+        return {"integer_convs": list(self.integer_convs), "float_convs": list(self.float_convs),
+                "reencoded_pairs": self.reencoded_pairs}
+
+
+def _activation_pairs(index: GraphIndex) -> dict[str, ActPair]:
+    """Activation Q -> DQ pairs keyed by the Q node's name."""
+    pairs = {}
+    for node in index.graph.node:
+        if node.op_type != QUANTIZE or index.is_constant(node.input[0]):
+            continue
+        users = index.users(node.output[0])
+        if len(users) != 1 or users[0].op_type != DEQUANTIZE:
+            continue
+        scale = float(index.constant(node.input[1]))
+        clip = index.producer.get(node.input[0])
+        qmax = 127
+        if clip is not None and clip.op_type == "Clip" and len(index.users(clip.output[0])) == 1 \
+                and len(clip.input) > 2 and index.is_constant(clip.input[2]):
+            qmax = int(round(float(index.constant(clip.input[2])) / scale))
+        else:
+            clip = None
+        pairs[node.name] = ActPair(node, users[0], clip, scale, qmax)
+    return pairs
+
+
+def _terminals(index: GraphIndex, tensor: str, by_source: dict[str, list[ActPair]]) -> list[ActPair] | None:
+    """Pairs reached from `tensor` through commuting ops only, or None if anything else reads it."""
+    found: list[ActPair] = []
+    stack, seen = [tensor], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in index.graph_outputs:
+            return None
+        pairs_here = by_source.get(current, [])
+        pair_heads = {(p.clip or p.quantize).output[0] for p in pairs_here}
+        found += pairs_here
+        for user in index.users(current):
+            if user.output[0] in pair_heads:
+                continue
+            if user.op_type in _COMMUTING or (user.op_type == "Resize" and node_attribute(user, "mode", b"nearest")
+                                              in (b"nearest", "nearest") and user.input[0] == current):
+                stack.append(user.output[0])
+            else:
+                return None
+    return found or None
+
+
+def _conv_output(index: GraphIndex, conv: onnx.NodeProto) -> tuple[str, bool]:
+    """The tensor a conv block hands on (after its ReLU, if the conv feeds only a ReLU) and whether it is >= 0."""
+    users = index.users(conv.output[0])
+    if len(users) == 1 and users[0].op_type == "Relu" and conv.output[0] not in index.graph_outputs:
+        return users[0].output[0], True
+    return conv.output[0], False
+
+
+def _is_quantized_conv(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    if node.op_type != "Conv" or len(node.input) < 2:
+        return False
+    data, weight = index.producer.get(node.input[0]), index.producer.get(node.input[1])
+    return (data is not None and data.op_type == DEQUANTIZE and weight is not None and weight.op_type == DEQUANTIZE
+            and index.is_constant(weight.input[0]))
+
+
+def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
+    """Rewrite the TensorRT-form QDQ graph in place into the ORT-CPU form; see the module docstring."""
+    summary = CpuFormSummary()
+    index = GraphIndex(model)
+    nonneg = nonnegative_tensors(model)
+    taken = {n.name for n in model.graph.node} | set(index.producer) | set(index.initializers) | index.graph_inputs
+    graph = model.graph
+    new_inits: list[onnx.TensorProto] = []
+    removed: set[str] = set()  # output tensor names of the nodes to drop
+
+    pairs = _activation_pairs(index)
+    by_source: dict[str, list[ActPair]] = {}
+    for pair in pairs.values():
+        by_source.setdefault(pair.source, []).append(pair)
+    handled: set[str] = set()
+
+    for conv in [n for n in graph.node if _is_quantized_conv(index, n)]:
+        tensor, after_relu = _conv_output(index, conv)
+        terminals = _terminals(index, tensor, by_source)
+        if not terminals or len({p.key() for p in terminals}) != 1:
+            summary.float_convs.append(conv.name)
+            continue
+        scale, qmax = terminals[0].key()
+        non_negative = after_relu or tensor in nonneg
+        nodes, inits, out_name = _u8_pair(f"{conv.name}.output", tensor, scale, qmax, non_negative, taken)
+        new_inits += inits
+        direct = [p for p in terminals if p.source == tensor]
+        direct_heads = {(p.clip or p.quantize).output[0] for p in direct}
+        for user in list(index.users(tensor)):
+            if user.output[0] in direct_heads:
+                continue
+            for i, name in enumerate(user.input):
+                if name == tensor:
+                    user.input[i] = out_name
+        for pair in direct:  # the new pair replaces them: their readers read the new DQ
+            for user in index.users(pair.dequantize.output[0]):
+                for i, name in enumerate(user.input):
+                    if name == pair.dequantize.output[0]:
+                        user.input[i] = out_name
+            removed.update(n.output[0] for n in (pair.clip, pair.quantize, pair.dequantize) if n is not None)
+            handled.add(pair.quantize.name)
+        anchor = index.producer[tensor]
+        position = list(graph.node).index(anchor) + 1
+        for offset, node in enumerate(nodes):
+            graph.node.insert(position + offset, node)
+        summary.integer_convs.append(conv.name)
+        summary.reencoded_pairs += len(direct)
+
+    for name, pair in pairs.items():
+        if name not in handled:
+            _to_u8_zero_point_128(model, pair, taken, new_inits)
+            summary.reencoded_pairs += 1
+    _remove_nodes(graph, removed)
+    graph.initializer.extend(new_inits)
+    _dequantize_float_conv_weights(model, set(summary.float_convs))
+    _drop_unused_initializers(model)
+    del model.graph.value_info[:]  # types of re-encoded tensors changed (s8 -> u8); shape inference redoes them
+    return summary
+
+
+def _u8_pair(base: str, source: str, scale: float, qmax: int, non_negative: bool, taken: set[str]):
+    """Q(u8) -> Clip(codes) -> DQ(u8) with the same real values as the trained s8 narrow-range quantizer."""
+    zero_point = 0 if non_negative else 128
+    low, high = (0, qmax) if non_negative else (128 - qmax, 128 + qmax)
+    names = {k: unique_name(f"{base}_{k}", taken) for k in ("scale", "zero_point", "code_min", "code_max")}
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), names["scale"]),
+             numpy_helper.from_array(np.array(zero_point, np.uint8), names["zero_point"]),
+             numpy_helper.from_array(np.array(low, np.uint8), names["code_min"]),
+             numpy_helper.from_array(np.array(high, np.uint8), names["code_max"])]
+    quantized = unique_name(f"{base}_quantized", taken)
+    clipped = unique_name(f"{base}_codes", taken)
+    out_name = unique_name(f"{base}_dequantized", taken)
+    doc = f"u8 zero-point {zero_point} re-encoding of a signed narrow-range quantizer (scale {scale:.6g}, qmax {qmax})"
+    nodes = [helper.make_node(QUANTIZE, [source, names["scale"], names["zero_point"]], [quantized],
+                              name=unique_name(f"{base}_q", taken), doc_string=doc),
+             helper.make_node("Clip", [quantized, names["code_min"], names["code_max"]], [clipped],
+                              name=unique_name(f"{base}_code_clip", taken),
+                              doc_string=f"codes kept in the trained range [-{qmax}, {qmax}]"),
+             helper.make_node(DEQUANTIZE, [clipped, names["scale"], names["zero_point"]], [out_name],
+                              name=unique_name(f"{base}_dq", taken), doc_string=doc)]
+    return nodes, inits, out_name
+
+
+def _to_u8_zero_point_128(model: onnx.ModelProto, pair: ActPair, taken: set[str], new_inits: list) -> None:
+    """s8 zero-point 0 == u8 zero-point 128 code for code; a code clip keeps the narrow range where needed."""
+    name = unique_name(f"{pair.quantize.name}_u8_zero_point", taken)
+    new_inits.append(numpy_helper.from_array(np.array(128, np.uint8), name))
+    pair.quantize.input[2] = name
+    pair.dequantize.input[2] = name
+    if pair.clip is None and pair.qmax < 127:
+        raise ValueError(f"{pair.quantize.name}: sub-8-bit pair without its range clip")
+    # With the float range clip in front (or an 8-bit non-negative tensor) the codes already lie in range.
+
+
+def _dequantize_float_conv_weights(model: onnx.ModelProto, convs: set[str]) -> None:
+    index = GraphIndex(model)
+    replaced = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.name not in convs:
+            continue
+        dq = index.producer[node.input[1]]
+        codes = index.constant(dq.input[0]).astype(np.float32)
+        scale = index.constant(dq.input[1]).astype(np.float32)
+        weight = codes * scale.reshape(-1, *([1] * (codes.ndim - 1)))  # float32(code) * scale, as DQ computes it
+        name = f"{node.name}.weight"
+        model.graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), name))
+        node.input[1] = name
+        if len(index.users(dq.output[0])) == 1:
+            replaced.append(dq.output[0])
+    _remove_nodes(model.graph, set(replaced))
+
+
+def _remove_nodes(graph: onnx.GraphProto, outputs: set[str]) -> None:
+    """Delete nodes by output name in place (rebuilding the list would copy the messages and orphan references)."""
+    for position in range(len(graph.node) - 1, -1, -1):
+        if graph.node[position].output[0] in outputs:
+            del graph.node[position]
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)

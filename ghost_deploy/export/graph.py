@@ -1,0 +1,111 @@
+"""Small helpers over an ONNX graph: who produces and who reads a tensor, constants, fresh names.
+
+Kept free of any rewriting policy so the QDQ writer, the CPU re-encoder and the linter share one view.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+QUANTIZE = "QuantizeLinear"
+DEQUANTIZE = "DequantizeLinear"
+QDQ_OPS = (QUANTIZE, DEQUANTIZE)
+# Ops through which a per-tensor symmetric quantizer commutes exactly (they select, reorder or take the max
+# of values; rounding and clamping are monotone), so Q(op(x)) == op(Q(x)) for one shared scale.
+COMMUTING_OPS = ("Concat", "MaxPool", "Resize", "Upsample", "Identity", "Reshape", "Flatten", "Transpose")
+
+
+class GraphIndex:
+    """Producer / consumer maps and constants of one graph, rebuilt on demand after edits."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.graph_inputs = {value.name for value in self.graph.input}
+        self.graph_outputs = {value.name for value in self.graph.output}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant-node output, else None (a runtime tensor)."""
+        if not name:
+            return None
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    return numpy_helper.to_array(attribute.t)
+        return None
+
+    def constant_dtype(self, name: str) -> int | None:
+        """The ONNX element type of a constant (INT4 survives here, numpy may widen it)."""
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    return attribute.t.data_type
+        return None
+
+    def is_constant(self, name: str) -> bool:
+        return self.constant_dtype(name) is not None
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        return self.consumers.get(name, [])
+
+
+def node_attribute(node: onnx.NodeProto, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def initializer_dtypes(model: onnx.ModelProto) -> dict[str, int]:
+    return {init.name: init.data_type for init in model.graph.initializer}
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    name, index = base, 1
+    while name in taken:
+        name = f"{base}_{index}"
+        index += 1
+    taken.add(name)
+    return name
+
+
+def graph_sha256(model: onnx.ModelProto) -> str:
+    """Hash of everything that defines the computation (graph and opsets), not of the metadata.
+
+    Metadata holds this hash, so it must be left out; producer fields are left out so re-saving with another
+    onnx version does not look like an edit.
+    """
+    digest = hashlib.sha256()
+    digest.update(model.graph.SerializeToString(deterministic=True))
+    for opset in sorted((o.domain, o.version) for o in model.opset_import):
+        digest.update(f"{opset[0]}:{opset[1]};".encode())
+    return digest.hexdigest()

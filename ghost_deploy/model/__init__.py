@@ -1,0 +1,4 @@
+from .configs import CONFIGS, ModelConfig, get_config
+from .detector import INPUT_MODES, Detect, Detector, build_model
+
+__all__ = ["CONFIGS", "ModelConfig", "get_config", "INPUT_MODES", "Detect", "Detector", "build_model"]

@@ -1,0 +1,449 @@
+"""The export parity gate: the same images through PyTorch (the checkpoint's model) and ONNX Runtime (CPU).
+
+- Inputs: N images of the dataset's val split (N = recipe parity.images), or the images of a folder
+  (`<id>_co.png` + `<id>_ir.png` pairs, or single-modality files), letterboxed to the model's img_size.
+- Outputs compared with `compare.compare_outputs` through `engines.bundle.run_parity`, the function the engine
+  stage uses too, so a parity number means the same at export and on the Jetson: raw head tensors (cosine per
+  image, max abs error in units of the head's accumulator step) and detections after NMS.
+- Localisation: every conv's output (after BN, which the ONNX folds into the conv) in PyTorch and in the ONNX
+  (extra graph outputs on a temporary copy); the first layer over budget, in execution order, is named with
+  its bit widths. A layer is over budget when cosine < min_cosine or its relative L2 error
+  ||a - b|| / ||a|| > sqrt(2 (1 - min_cosine)) (the same bound for vectors of equal length, and unlike the
+  cosine it also sees a wrong scale).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .compare import Budgets, ParityReport
+from .errors import UserError
+from .io import sha256_file
+
+DETECTOR_INPUT_CHANNELS = {"rgb": 3, "ir": 1}
+
+
+@dataclass
+class ParityInputs:
+    inputs: dict[str, np.ndarray]  # name -> (N, C, H, W) float32 in [0, 1]
+    paths: list[list[str]]
+    sha256: list[list[str]]
+    source: str
+
+    @property
+    def count(self) -> int:
+        return len(self.paths)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def budgets_from_recipe(recipe: dict | None) -> Budgets:
+    """recipe['parity'] minus the keys that are not budgets (e.g. `images`)."""
+    values = dict((recipe or {}).get("parity") or {})
+    known = {f.name for f in fields(Budgets)}
+    return Budgets.from_dict({k: v for k, v in values.items() if k in known})
+
+
+def parity_image_count(recipe: dict | None, default: int = 8) -> int:
+    count = ((recipe or {}).get("parity") or {}).get("images", default)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserError(None, f"recipe parity.images must be a positive integer, got {count!r}")
+    return count
+
+
+def _letterboxed(arrays: dict[str, np.ndarray], img_size: int) -> dict[str, np.ndarray]:
+    from .data.augment import letterbox, resize_long_side
+
+    empty = np.zeros((0, 6))  # augment.py boxes: [cls, x1, y1, x2, y2, full_area]
+    arrays, _ = resize_long_side(arrays, empty, img_size)
+    arrays, _ = letterbox(arrays, empty, img_size)
+    return arrays
+
+
+def _to_chw(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32) / 255.0
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def images_from_folder(folder: str | os.PathLike, input_names, img_size: int, limit: int) -> ParityInputs:
+    """The first `limit` samples of a folder (sorted by id), read like the dataset reads them."""
+    from .data.images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, read_ir, read_rgb
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(folder, "parity images folder not found")
+    readers = {"rgb": read_rgb, "ir": read_ir}
+    untagged = len(input_names) == 1
+    prefixes = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = path.stem
+        for tag in MODALITY_TAGS.values():
+            if stem.endswith(tag):
+                stem = stem[: -len(tag)]
+                break
+        prefix = folder / stem
+        if prefix not in prefixes:
+            prefixes.append(prefix)
+    samples = []
+    for prefix in prefixes:
+        files = {name: find_image(prefix, MODALITY_TAGS[name], untagged) for name in input_names}
+        if all(files.values()):
+            samples.append(files)
+        if len(samples) == limit:
+            break
+    if not samples:
+        wanted = " + ".join(f"<id>{MODALITY_TAGS[n]}.png" for n in input_names)
+        raise UserError(folder, f"no parity images found (expected {wanted})")
+    batches = {name: [] for name in input_names}
+    for files in samples:
+        arrays = _letterboxed({name: readers[name](files[name]) for name in input_names}, img_size)
+        for name in input_names:
+            batches[name].append(_to_chw(arrays[name]))
+    return ParityInputs(
+        inputs={name: np.stack(values) for name, values in batches.items()},
+        paths=[[str(files[name]) for name in input_names] for files in samples],
+        sha256=[[sha256_file(files[name]) for name in input_names] for files in samples],
+        source=str(folder))
+
+
+def images_from_dataset(data_yaml: str | os.PathLike, input_names, img_size: int, limit: int) -> ParityInputs:
+    """The first `limit` samples of the dataset's val split, letterboxed exactly as validation sees them."""
+    from .data import Dataset, load_dataset_yaml
+
+    spec = load_dataset_yaml(data_yaml)
+    missing = [name for name in input_names if name not in spec.modalities]
+    if missing:
+        raise UserError(data_yaml, f"dataset has no {missing} images; the model reads {list(input_names)}")
+    dataset = Dataset(spec, "val", img_size, augment=False)
+    count = min(limit, len(dataset))
+    batches = {name: [] for name in input_names}
+    paths, hashes = [], []
+    for index in range(count):
+        item = dataset[index]
+        for name in input_names:
+            batches[name].append(item[name].numpy().astype(np.float32))
+        files = dataset.samples[index].images
+        paths.append([str(files[name]) for name in input_names])
+        hashes.append([sha256_file(files[name]) for name in input_names])
+    return ParityInputs(inputs={name: np.stack(values) for name, values in batches.items()}, paths=paths,
+                        sha256=hashes, source=f"{data_yaml} [val]")
+
+
+def resolve_parity_inputs(meta: dict, img_size: int, count: int, parity_images=None, data=None) -> ParityInputs:
+    """Folder when given; else the val split of `data`, the checkpoint's dataset, or the embedded demo set."""
+    input_names = list(meta["input_names"])
+    if parity_images is not None:
+        return images_from_folder(parity_images, input_names, img_size, count)
+    source = data or meta.get("data") or (meta.get("recipe") or {}).get("data") or "embedded"
+    if source == "embedded":
+        from .data import ensure_synthetic_dataset
+
+        source = ensure_synthetic_dataset(seed=0)
+    elif not Path(source).is_file():
+        raise UserError(source, "dataset YAML for the parity images not found; pass data=YAML or parity_images=DIR")
+    return images_from_dataset(source, input_names, img_size, count)
+
+
+# --------------------------------------------------------------------------------------------- runners
+class TorchRunner:
+    """A PyTorch module behind the runner interface (`input_names`, `output_names`, `infer`, `close`)."""
+
+    def __init__(self, module, input_names, output_names):
+        self.module = module.eval()
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            outputs = self.module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names))
+        return {name: value.numpy() for name, value in zip(self.output_names, outputs)}
+
+    def close(self) -> None:
+        self.module = None
+
+
+def run_in_chunks(runner, inputs: dict[str, np.ndarray], batch_size: int = 4) -> dict[str, np.ndarray]:
+    count = len(next(iter(inputs.values())))
+    chunks: dict[str, list] = {}
+    for start in range(0, count, batch_size):
+        out = runner.infer({name: value[start:start + batch_size] for name, value in inputs.items()})
+        for name, value in out.items():
+            chunks.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in chunks.items()}
+
+
+class OrtGraphRunner:
+    """ONNX Runtime (CPU) behind the runner interface, optionally without its Q/DQ rewrites.
+
+    `exact=True` sets `session.disable_quant_qdq`: ORT then computes what the graph says (Q, DQ, float conv
+    with a float bias), which is also what TensorRT computes. With the rewrites on, ORT quantizes a conv's float
+    bias to int32 at scale s_in * s_w and may run integer kernels: its own approximation, right for measuring
+    the CPU form, wrong as the oracle for the TensorRT form.
+    """
+
+    def __init__(self, onnx_path, exact: bool = True, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(onnx_path)
+        options = ort.SessionOptions()
+        if exact:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise UserError(self.path, f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.output_names, {n: np.ascontiguousarray(feed[n]) for n in self.input_names})
+        return dict(zip(self.output_names, values))
+
+    def close(self) -> None:
+        self.session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_gate(parity_set, onnx_path, budgets: Budgets, exact: bool = True) -> ParityReport:
+    """ONNX Runtime on the parity set's inputs, compared with its reference outputs (engines' run_parity)."""
+    from .engines.bundle import run_parity
+
+    with OrtGraphRunner(onnx_path, exact=exact) as runner:
+        return run_parity(parity_set, runner, budgets)
+
+
+# --------------------------------------------------------------------------------------------- localisation
+@dataclass
+class Agreement:
+    """Running cosine / relative L2 error / max abs error between a reference and a candidate tensor."""
+
+    dot: float = 0.0
+    ref_sq: float = 0.0
+    cand_sq: float = 0.0
+    diff_sq: float = 0.0
+    max_abs_error: float = 0.0
+    finite: bool = True
+    seen: bool = False
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        a, b = np.asarray(reference, np.float64).ravel(), np.asarray(candidate, np.float64).ravel()
+        self.seen = True
+        if not np.isfinite(b).all():
+            self.finite = False
+            return
+        self.dot += float(a @ b)
+        self.ref_sq += float(a @ a)
+        self.cand_sq += float(b @ b)
+        self.diff_sq += float((a - b) @ (a - b))
+        self.max_abs_error = max(self.max_abs_error, float(np.abs(a - b).max()) if a.size else 0.0)
+
+    def cosine(self) -> float:
+        if self.ref_sq == 0 and self.cand_sq == 0:
+            return 1.0
+        if self.ref_sq == 0 or self.cand_sq == 0:
+            return 0.0
+        return self.dot / math.sqrt(self.ref_sq * self.cand_sq)
+
+    def relative_error(self) -> float:
+        if self.ref_sq == 0:
+            return 0.0 if self.diff_sq == 0 else math.inf
+        return math.sqrt(self.diff_sq / self.ref_sq)
+
+    def over(self, min_cosine: float, max_relative_error: float) -> bool:
+        return self.seen and (not self.finite or self.cosine() < min_cosine or self.relative_error() > max_relative_error)
+
+    def to_dict(self) -> dict | None:
+        if not self.seen:
+            return None
+        return {"cosine": self.cosine(), "relative_error": self.relative_error(), "max_abs_error": self.max_abs_error,
+                "finite": self.finite}
+
+
+@dataclass
+class LayerReport:
+    layers: list[dict]
+    first_over_budget: dict | None
+    relative_error_budget: float
+    min_cosine: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "first_over_budget": self.first_over_budget,
+                "relative_error_budget": self.relative_error_budget, "min_cosine": self.min_cosine,
+                "notes": list(self.notes)}
+
+    def format_table(self, limit: int | None = None) -> str:
+        header = (f"{'layer (execution order)':<24} {'W':>2} {'A':>2} {'input rel':>10} {'conv rel':>10} "
+                  f"{'cumul cos':>10} {'cumul rel':>10}  status")
+        lines = ["per layer: 'input'/'conv' = this layer alone on ONNX Runtime's own input, 'cumul' = end to end",
+                 header, "-" * len(header)]
+        for row in self.layers if limit is None else self.layers[:limit]:
+            local_input, conv, cumulative = row["input_quantizer"], row["conv"], row["cumulative"]
+            lines.append(f"{row['name']:<24} {_bits(row['weight_bits']):>2} {_bits(row['act_bits']):>2} "
+                         f"{_num(local_input, 'relative_error'):>10} {_num(conv, 'relative_error'):>10} "
+                         f"{_num(cumulative, 'cosine', '.6f'):>10} {_num(cumulative, 'relative_error'):>10}  "
+                         f"{row['status']}")
+        first = self.first_over_budget
+        lines.append(f"first layer over budget: {first['name']} (W{_bits(first['weight_bits'])} A{_bits(first['act_bits'])}, "
+                     f"{first['status']})" if first else "every layer within budget")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def _bits(bits) -> str:
+    return "FP" if bits is None else str(bits)
+
+
+def _num(stats: dict | None, key: str, spec: str = ".2e") -> str:
+    return "-" if not stats else format(stats[key], spec)
+
+
+def layer_output_module(model, name: str):
+    """The module whose output equals the exported Conv node's output: the block's BN when the ONNX folds it."""
+    from torch import nn
+
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    bn = getattr(parent, "bn", None)
+    if attr == "conv" and isinstance(bn, nn.BatchNorm2d):
+        return bn
+    return model.get_submodule(name)
+
+
+def _conv_alone(model, name: str, x):
+    """What PyTorch computes for this conv (its weights as trained, then its BN) on an already quantized input."""
+    import torch.nn.functional as F
+
+    module = model.get_submodule(name)
+    weight = module.quantized_weight() if hasattr(module, "quantized_weight") else module.weight
+    y = F.conv2d(x, weight, module.bias, module.stride, module.padding, module.dilation, module.groups)
+    output_module = layer_output_module(model, name)
+    return output_module(y) if output_module is not module else y
+
+
+def _onnx_layer_tensors(onnx_model, layer_names) -> dict[str, dict[str, str]]:
+    """Per conv: its output, its data input and, when that input is dequantized, the tensor before the Q (and
+    before the float range clip that is part of the quantizer)."""
+    producers = {out: node for node in onnx_model.graph.node for out in node.output}
+    found = {}
+    for node in onnx_model.graph.node:
+        if node.op_type != "Conv" or node.name not in layer_names:
+            continue
+        tensors = {"output": node.output[0], "input": node.input[0]}
+        dq = producers.get(node.input[0])
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = producers.get(dq.input[0])
+            if q is not None and q.op_type == "Clip":  # CPU form: integer code clip between Q and DQ
+                q = producers.get(q.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                source = q.input[0]
+                clip = producers.get(source)
+                if clip is not None and clip.op_type == "Clip" and clip.name.endswith(".input_clip"):
+                    source = clip.input[0]
+                tensors["before_quantizer"] = source
+        found[node.name] = tensors
+    return found
+
+
+def localise(reference_model, onnx_model, inputs: dict[str, np.ndarray], layer_bits: dict[str, tuple],
+             budgets: Budgets, exact: bool = True) -> LayerReport:
+    """Per-layer comparison, image by image (memory stays one image's activations).
+
+    For every conv, three agreements: its input quantizer applied by PyTorch to ONNX Runtime's own pre-Q tensor
+    vs ORT's dequantized input; the conv (+BN) applied by PyTorch to ORT's dequantized input vs ORT's conv output;
+    and the end-to-end (cumulative) outputs. The local two are free of upstream rounding flips, so the first
+    layer whose local agreement is over budget is the layer whose own numbers differ (a wrong scale, wrong
+    codes). `layer_bits`: {conv name: (weight_bits, act_bits)}; rows come in PyTorch execution order.
+    """
+    import copy
+
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    names = list(layer_bits)
+    layer_tensors = _onnx_layer_tensors(onnx_model, set(names))
+    notes = [f"{name}: no Conv node of that name in the ONNX" for name in names if name not in layer_tensors]
+    model = copy.deepcopy(onnx_model)
+    wanted = sorted({t for tensors in layer_tensors.values() for t in tensors.values()})
+    existing = {o.name for o in model.graph.output}
+    for tensor in wanted:
+        if tensor not in existing and tensor not in {i.name for i in model.graph.input}:
+            model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    order: list[str] = []
+    captured: dict[str, np.ndarray] = {}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            if name not in order:
+                order.append(name)
+            captured[name] = output.detach().numpy().copy()
+        return hook
+
+    handles = [layer_output_module(reference_model, name).register_forward_hook(hook_for(name))
+               for name in layer_tensors]
+    stats = {name: {"input_quantizer": Agreement(), "conv": Agreement(), "cumulative": Agreement()}
+             for name in layer_tensors}
+    quantizers = {name: getattr(reference_model.get_submodule(name), "input_quantizer", None) for name in layer_tensors}
+    input_names = list(inputs)
+    count = len(next(iter(inputs.values())))
+    graph_inputs = {i.name for i in model.graph.input}
+    with tempfile.TemporaryDirectory(prefix="ghost-localise-") as folder:
+        path = Path(folder) / "layers.onnx"
+        onnx.save(model, str(path))
+        try:
+            with OrtGraphRunner(path, exact=exact) as runner, torch.no_grad():
+                for index in range(count):
+                    feed = {name: inputs[name][index:index + 1] for name in input_names}
+                    captured.clear()
+                    reference_model(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in input_names))
+                    fetch = [t for t in wanted if t not in graph_inputs]
+                    values = dict(zip(fetch, runner.session.run(fetch, feed)))
+                    values.update({t: feed[t] for t in wanted if t in graph_inputs})
+                    for name, tensors in layer_tensors.items():
+                        layer = stats[name]
+                        if name in captured:
+                            layer["cumulative"].add(captured[name], values[tensors["output"]])
+                        conv_input = torch.from_numpy(np.ascontiguousarray(values[tensors["input"]]))
+                        layer["conv"].add(_conv_alone(reference_model, name, conv_input).numpy(),
+                                          values[tensors["output"]])
+                        quantizer = quantizers[name]
+                        if quantizer is not None and "before_quantizer" in tensors:
+                            before = torch.from_numpy(np.ascontiguousarray(values[tensors["before_quantizer"]]))
+                            layer["input_quantizer"].add(quantizer(before).numpy(), values[tensors["input"]])
+        finally:
+            for handle in handles:
+                handle.remove()
+    rel_budget = math.sqrt(2.0 * max(0.0, 1.0 - budgets.min_cosine))
+    rows = []
+    for name in order + [n for n in layer_tensors if n not in order]:
+        layer = stats[name]
+        local = [kind for kind in ("input_quantizer", "conv") if layer[kind].over(budgets.min_cosine, rel_budget)]
+        cumulative_over = layer["cumulative"].over(budgets.min_cosine, rel_budget)
+        status = ("OVER BUDGET: " + " and ".join("input quantizer" if k == "input_quantizer" else "conv" for k in local)
+                  if local else "drifted (upstream)" if cumulative_over else "ok")
+        rows.append({"name": name, "weight_bits": layer_bits[name][0], "act_bits": layer_bits[name][1],
+                     **{kind: layer[kind].to_dict() for kind in ("input_quantizer", "conv", "cumulative")},
+                     "over_budget": bool(local), "cumulative_over_budget": bool(cumulative_over), "status": status})
+    first = next((row for row in rows if row["over_budget"]), None)
+    if first is None:
+        first = next((row for row in rows if row["cumulative_over_budget"]), None)
+        if first is not None:
+            notes.append("no layer differs on its own; the drift starts at the first layer listed (look at the "
+                         "ops between it and the previous conv: Add, Concat, Resize, MaxPool)")
+    return LayerReport(rows, first, rel_budget, budgets.min_cosine, notes)

@@ -1,0 +1,321 @@
+"""The bit plan: one data structure from HQ to the engine receipt.
+
+A plan maps every conv (module path, e.g. `model.2.cv1.conv`) to its weight bits, the bits of the tensor
+that feeds it, its cost (params, MACs per image) and why those bits were chosen. It is saved as
+human-editable JSON; see docs/quantization.md for the schema. 32 bits means "stays float".
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..io import write_json_atomic
+
+FORMAT = "ghost-deploy/bit-plan"
+VERSION = 1
+FLOAT_BITS = 32
+MIN_BITS, MAX_BITS = 2, 8
+# Bytes of one float parameter (bias, per-channel scale) in the deployed model.
+FLOAT_BYTES = 4
+LAYER_KEYS = ("weight_bits", "act_bits", "params", "macs", "criterion", "input_tensor", "out_channels", "bias_params")
+
+
+@dataclass
+class LayerPlan:
+    weight_bits: int  # 2..8, or 32 = float weights (None is accepted and stored as 32)
+    act_bits: int  # bits of this conv's input quantizer (shared by all readers of the tensor); 32 = float input
+    params: int  # weight elements
+    macs: int  # multiply-accumulates per image at the plan's image size
+    criterion: str = ""  # why these bits, e.g. "kmeans D(4)=0.07<0.1"
+    input_tensor: str = ""  # name of the tensor / activation quantizer feeding the conv
+    out_channels: int = 0
+    bias_params: int = 0  # float bias after BN folding (or the conv's own bias)
+
+    def __post_init__(self):
+        self.weight_bits = FLOAT_BITS if self.weight_bits is None else self.weight_bits
+        self.act_bits = FLOAT_BITS if self.act_bits is None else self.act_bits
+
+    @property
+    def input_bits(self) -> int:
+        """Bits of the tensor that really feeds the layer (its input quantizer), 32 for a float input."""
+        return self.act_bits
+
+    @property
+    def weight_is_float(self) -> bool:
+        return self.weight_bits == FLOAT_BITS
+
+
+@dataclass
+class BitPlan:
+    layers: dict[str, LayerPlan]
+    method: str = "uniform"  # "hq", "budget", "uniform", "edited", ...
+    model_name: str = ""
+    threshold: float | None = None  # HQ's T
+    budget: dict | None = None  # budget mode's target, e.g. {"avg_bits": 5}
+    image_size: int | None = None  # MACs are per image at this input size
+    notes: str = ""
+    source: str | None = field(default=None, compare=False, repr=False)  # file it was loaded from
+
+    # --- JSON ---
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_name": self.model_name,
+            "method": self.method,
+            "threshold": self.threshold,
+            "budget": self.budget,
+            "image_size": self.image_size,
+            "notes": self.notes,
+            # Informational: recomputed on every save, ignored on load (edit the layers, not this).
+            "summary": summary_numbers(self),
+            "layers": {name: {key: getattr(layer, key) for key in LAYER_KEYS} for name, layer in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data, source: str | os.PathLike | None = None) -> "BitPlan":
+        source = None if source is None else str(source)
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+            raise UserError(source, "not a bit plan: expected a JSON object with a 'layers' mapping")
+        if data.get("format", FORMAT) != FORMAT:
+            raise UserError(source, f"format is {data.get('format')!r}, expected {FORMAT!r}")
+        layers = {}
+        for name, entry in data["layers"].items():
+            layers[name] = _parse_layer(name, entry, source)
+        plan = cls(
+            layers=layers,
+            method=str(data.get("method", "edited")),
+            model_name=str(data.get("model_name", "")),
+            threshold=data.get("threshold"),
+            budget=data.get("budget"),
+            image_size=data.get("image_size"),
+            notes=str(data.get("notes", "")),
+            source=source,
+        )
+        _check_shared_inputs(plan)
+        return plan
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str | os.PathLike | None = None) -> "BitPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(source, f"not valid JSON ({exc})") from None
+        return cls.from_dict(data, source)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None) -> "BitPlan":
+        """Read a plan; with `model`, also require its layers to be exactly the model's convs."""
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as exc:
+            raise UserError(path, f"cannot read bit plan ({exc.strerror})") from None
+        plan = cls.from_json(text, source=path)
+        if model is not None:
+            check_plan_against_model(plan, model)
+        return plan
+
+    # --- views ---
+    def summary(self) -> str:
+        return format_plan_table(self)
+
+    def weight_bits(self) -> list[int]:
+        return [layer.weight_bits for layer in self.layers.values()]
+
+
+def _parse_layer(name: str, entry, source: str | None) -> LayerPlan:
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        entry = {"weight_bits": entry}  # shorthand: "model.3.conv": 6
+    if not isinstance(entry, dict):
+        raise UserError(source, f"layer {name!r}: expected an object with weight_bits/act_bits, got {entry!r}")
+    unknown = sorted(set(entry) - set(LAYER_KEYS))
+    if unknown:
+        raise UserError(source, f"layer {name!r}: unknown key {unknown[0]!r} (known: {', '.join(LAYER_KEYS)})")
+    if "weight_bits" not in entry:
+        raise UserError(source, f"layer {name!r}: weight_bits is missing")
+    values = {}
+    for key in ("weight_bits", "act_bits"):
+        values[key] = _parse_bits(name, key, entry.get(key, 8 if key == "act_bits" else None), source)
+    for key in ("params", "macs", "out_channels", "bias_params"):
+        value = entry.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(source, f"layer {name!r}: {key} must be a non-negative integer, got {value!r}")
+        values[key] = value
+    values["criterion"] = str(entry.get("criterion", ""))
+    values["input_tensor"] = str(entry.get("input_tensor", ""))
+    return LayerPlan(**values)
+
+
+def _parse_bits(name: str, key: str, value, source: str | None) -> int:
+    if value is None:
+        return FLOAT_BITS
+    if isinstance(value, bool) or not isinstance(value, int) or not (MIN_BITS <= value <= MAX_BITS or value == FLOAT_BITS):
+        raise UserError(source, f"layer {name!r}: {key} {value!r} is not allowed (use {MIN_BITS}..{MAX_BITS}, or 32/null for float)")
+    return value
+
+
+def _check_shared_inputs(plan: BitPlan) -> None:
+    """Readers of one tensor share one quantizer, so they must agree on its bits."""
+    seen: dict[str, tuple[str, int]] = {}
+    for name, layer in plan.layers.items():
+        if not layer.input_tensor:
+            continue
+        first = seen.setdefault(layer.input_tensor, (name, layer.act_bits))
+        if first[1] != layer.act_bits:
+            raise UserError(plan.source, f"layer {name!r}: act_bits {layer.act_bits} differs from {first[0]!r} "
+                                         f"({first[1]}), which reads the same tensor {layer.input_tensor!r}")
+
+
+def check_plan_against_model(plan: BitPlan, model) -> None:
+    """UserError naming the plan file and the first unknown or missing layer."""
+    from .trace import conv_names
+
+    names = conv_names(model)
+    known = set(names)
+    for name in plan.layers:
+        if name not in known:
+            raise UserError(plan.source, f"unknown layer {name!r}: not a conv of this model")
+    for name in names:
+        if name not in plan.layers:
+            raise UserError(plan.source, f"layer {name!r} is missing from the plan")
+
+
+# --- cost model ---
+def size_mb(plan: BitPlan, conv_weights_only: bool = False) -> float:
+    """Model size in MB (1e6 bytes).
+
+    conv_weights_only: sum(params * weight_bits / 8), float layers at 4 bytes per weight; the GHOST
+    reference formula (test_flops.py), for like-for-like comparisons.
+    Otherwise the deployable size: packed codes ceil(params * bits / 8) per layer, plus float32 per-channel
+    weight scales, float32 biases (BN-folded or the conv's own) and one float32 scale per activation quantizer.
+    """
+    total = 0.0
+    tensors = set()
+    for layer in plan.layers.values():
+        if conv_weights_only:
+            total += layer.params * layer.weight_bits / 8
+            continue
+        total += math.ceil(layer.params * layer.weight_bits / 8)
+        if not layer.weight_is_float:
+            total += FLOAT_BYTES * layer.out_channels
+        total += FLOAT_BYTES * layer.bias_params
+        if layer.act_bits != FLOAT_BITS:
+            tensors.add(layer.input_tensor)
+    total += FLOAT_BYTES * len(tensors)
+    return total / 1e6
+
+
+def bops(plan: BitPlan) -> int:
+    """Bit operations per image: sum of MACs * weight_bits * bits of the tensor that really feeds the layer."""
+    return sum(layer.macs * layer.weight_bits * layer.input_bits for layer in plan.layers.values())
+
+
+def average_weight_bits(plan: BitPlan) -> dict[str, float]:
+    """Mean weight bits over the quantized layers: weighted by params, and the plain per-layer mean."""
+    quantized = [layer for layer in plan.layers.values() if not layer.weight_is_float]
+    if not quantized:
+        return {"param_weighted": float(FLOAT_BITS), "mean": float(FLOAT_BITS)}
+    params = sum(layer.params for layer in quantized)
+    weighted = sum(layer.params * layer.weight_bits for layer in quantized) / params if params else 0.0
+    return {"param_weighted": weighted, "mean": sum(layer.weight_bits for layer in quantized) / len(quantized)}
+
+
+def summary_numbers(plan: BitPlan) -> dict:
+    average = average_weight_bits(plan)
+    return {
+        "layers": len(plan.layers),
+        "float_layers": sum(layer.weight_is_float for layer in plan.layers.values()),
+        "size_mb": round(size_mb(plan), 6),
+        "conv_weights_mb": round(size_mb(plan, conv_weights_only=True), 6),
+        "bops_g": round(bops(plan) / 1e9, 4),
+        "avg_weight_bits": round(average["param_weighted"], 4),
+        "mean_weight_bits": round(average["mean"], 4),
+    }
+
+
+def format_plan_table(plan: BitPlan) -> str:
+    """One line per layer, then the totals: for logs and `--print-plan`."""
+    width = max([len(name) for name in plan.layers] + [5])
+    tensor_width = max([len(layer.input_tensor) for layer in plan.layers.values()] + [6])
+    lines = [f"bit plan ({plan.method}{', ' + plan.model_name if plan.model_name else ''}"
+             f"{f', MACs at {plan.image_size}px' if plan.image_size else ''})",
+             f"{'layer':<{width}}  {'W':>2}  {'A':>2}  {'input':<{tensor_width}}  {'params':>9}  {'MMACs':>9}  criterion"]
+    for name, layer in plan.layers.items():
+        lines.append(f"{name:<{width}}  {_bits_text(layer.weight_bits):>2}  {_bits_text(layer.act_bits):>2}  "
+                     f"{layer.input_tensor:<{tensor_width}}  {layer.params:>9}  {layer.macs / 1e6:>9.2f}  {layer.criterion}")
+    numbers = summary_numbers(plan)
+    lines.append(f"size {numbers['size_mb']:.3f} MB deployable ({numbers['conv_weights_mb']:.3f} MB conv weights only), "
+                 f"BOPs {numbers['bops_g']:.1f} G, weight bits {numbers['avg_weight_bits']:.2f} param-weighted / "
+                 f"{numbers['mean_weight_bits']:.2f} mean, {numbers['float_layers']} float layers")
+    return "\n".join(lines)
+
+
+def _bits_text(bits: int) -> str:
+    return "FP" if bits == FLOAT_BITS else str(bits)
+
+
+# --- building plans from a model ---
+def profile_model(model, input_shapes) -> dict[str, tuple[int, int]]:
+    """{conv name: (params, MACs per image)} from one traced forward; MACs = out_elems * in/groups * k*k."""
+    from .trace import inputs_from_shapes, trace_convs
+
+    return {site.name: (site.params, site.macs) for site in trace_convs(model, inputs_from_shapes(model, input_shapes))}
+
+
+def model_sites(model, image_size: int = 512, input_shapes=None):
+    """The traced conv sites of a Detector at `image_size` (or of any model at `input_shapes`).
+
+    A full-size trace is slow on a CPU, so the Detector is traced at 64 and 128 px; when every conv's MACs
+    grow exactly 4x between them (all strides divide the size), they are scaled to `image_size`.
+    """
+    from .trace import example_inputs, inputs_from_shapes, trace_convs
+
+    if input_shapes is not None:
+        return trace_convs(model, inputs_from_shapes(model, input_shapes))
+    if image_size > 128 and image_size % 64 == 0:
+        small, large = trace_convs(model, example_inputs(model, 64)), trace_convs(model, example_inputs(model, 128))
+        if all(b.macs == 4 * a.macs for a, b in zip(small, large)):
+            factor = (image_size // 64) ** 2
+            for site in small:
+                site.macs *= factor
+            return small
+    return trace_convs(model, example_inputs(model, image_size))
+
+
+def model_name(model) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "name", type(model).__name__)
+
+
+def plan_from_bits(model, weight_bits: dict[str, int | None] | int | None, act_bits: int | None = 8,
+                   image_size: int = 512, input_shapes=None, method: str = "uniform", criteria: dict | None = None,
+                   sites=None, **plan_fields) -> BitPlan:
+    """A plan for `model` with the given weight bits (one int for all, or per layer) and activation bits."""
+    sites = sites if sites is not None else model_sites(model, image_size, input_shapes)
+    layers = {}
+    for site in sites:
+        bits = weight_bits.get(site.name) if isinstance(weight_bits, dict) else weight_bits
+        layers[site.name] = LayerPlan(
+            weight_bits=bits, act_bits=act_bits, params=site.params, macs=site.macs,
+            criterion=(criteria or {}).get(site.name, method), input_tensor=site.input_tensor,
+            out_channels=site.out_channels, bias_params=site.bias_params,
+        )
+    return BitPlan(layers=layers, method=method, model_name=model_name(model),
+                   image_size=image_size if input_shapes is None else None, **plan_fields)
+
+
+def uniform_plan(model, weight_bits: int | None = 8, act_bits: int | None = 8, image_size: int = 512,
+                 float_layers=(), input_shapes=None) -> BitPlan:
+    """Every conv at `weight_bits` (float for names in `float_layers`), inputs at `act_bits`."""
+    sites = model_sites(model, image_size, input_shapes)
+    bits = {site.name: (None if site.name in float_layers else weight_bits) for site in sites}
+    return plan_from_bits(model, bits, act_bits, image_size, input_shapes, method="uniform", sites=sites)

@@ -1,0 +1,156 @@
+"""One traced forward pass that tells, for every conv, what it costs and which tensor feeds it.
+
+The quantizer inventory, the bit plan and the BOPs count all need the same facts: the conv's params and
+MACs per image, and the name of the tensor it reads. Convs that read the *same tensor object* (C3.cv1 and
+C3.cv2; a neck output feeding a Detect conv and the next stride-2 conv) share that tensor name, and later
+one activation quantizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Sub-trees that never run in an exported detector (the SR branch is training-only).
+SKIPPED_PREFIXES = ("sr.",)
+INPUT_TENSOR_NAME = "input"
+STEM_CONV = "model.0.conv"
+
+
+@dataclass
+class ConvSite:
+    name: str  # module path, e.g. "model.2.cv1.conv"
+    module: nn.Module
+    params: int  # weight elements (bias not included)
+    macs: int  # per image: out_elems * in/groups * k*k
+    out_channels: int
+    bias_params: int  # float per-channel bias after BN folding (or the conv's own bias)
+    input_tensor: str  # readable name of the tensor feeding the conv (shared by all its readers)
+
+
+@dataclass
+class Trace:
+    sites: list[ConvSite]
+    # module name -> label of the tensor it received as first input (equal labels = the same tensor object)
+    module_inputs: dict[str, int] = field(default_factory=dict)
+    conv_inputs: dict[str, int] = field(default_factory=dict)
+
+
+def is_conv(module: nn.Module) -> bool:
+    from .quantizers import QuantConv2d
+
+    return isinstance(module, (nn.Conv2d, QuantConv2d))
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    """Every conv of the deployable network, in `named_modules` order (the SR branch is left out)."""
+    return [name for name, module in model.named_modules() if is_conv(module) and not name.startswith(SKIPPED_PREFIXES)]
+
+
+def example_inputs(model: nn.Module, image_size: int = 64, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    """Deterministic images for a Detector (`input_names` order); values do not matter for the trace."""
+    from ..model.detector import INPUT_CHANNELS
+
+    names = getattr(model, "input_names", None)
+    if names is None:
+        raise TypeError("model has no input_names; pass input shapes or example inputs explicitly")
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    return tuple(
+        torch.rand(batch, INPUT_CHANNELS[name], image_size, image_size, generator=generator).to(device) for name in names
+    )
+
+
+def inputs_from_shapes(model: nn.Module, input_shapes) -> tuple[torch.Tensor, ...]:
+    """Zero tensors for `input_shapes`: a list of shapes, a dict name -> shape, or one shape."""
+    if isinstance(input_shapes, dict):
+        names = getattr(model, "input_names", tuple(input_shapes))
+        input_shapes = [input_shapes[name] for name in names]
+    elif input_shapes and isinstance(input_shapes[0], int):
+        input_shapes = [input_shapes]
+    device = next(model.parameters()).device
+    return tuple(torch.zeros(tuple(shape), device=device) for shape in input_shapes)
+
+
+def trace_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Trace:
+    """Run `model(*inputs)` once in eval mode; describe every conv that ran, in `named_modules` order."""
+    names = {module: name for name, module in model.named_modules()}
+    skipped = {m for n, m in model.named_modules() if n.startswith(SKIPPED_PREFIXES)}
+    producers: dict[int, list[str]] = {}  # id(tensor) -> modules that returned it
+    module_inputs: dict[str, int] = {}
+    conv_input: dict[str, torch.Tensor] = {}
+    conv_output: dict[str, torch.Size] = {}
+    alive: list[torch.Tensor] = []  # keeps every traced tensor alive, so no id is reused during the pass
+
+    def record_input(module, args):
+        if module is not model and module not in skipped and args and isinstance(args[0], torch.Tensor):
+            alive.append(args[0])
+            module_inputs[names[module]] = id(args[0])
+
+    def record_output(module, args, output):
+        if module is model or module in skipped:
+            return
+        if isinstance(output, torch.Tensor):
+            alive.append(output)
+            producers.setdefault(id(output), []).append(names[module])
+        if is_conv(module):
+            conv_input[names[module]] = args[0]
+            conv_output[names[module]] = output.shape
+
+    handles = [m.register_forward_pre_hook(record_input) for m in model.modules()]
+    handles += [m.register_forward_hook(record_output) for m in model.modules()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+    sites = []
+    for name in conv_names(model):
+        if name not in conv_input:
+            continue  # defined but never run: nothing to deploy
+        module = model.get_submodule(name)
+        weight = module.weight
+        out_shape = conv_output[name]
+        macs = out_shape.numel() // out_shape[0] * weight.shape[1] * weight.shape[2] * weight.shape[3]
+        sites.append(
+            ConvSite(
+                name=name,
+                module=module,
+                params=weight.numel(),
+                macs=int(macs),
+                out_channels=int(weight.shape[0]),
+                bias_params=int(weight.shape[0]) if _has_bias_after_fold(model, name, module) else 0,
+                input_tensor=_tensor_name(conv_input[name], name, producers, inputs),
+            )
+        )
+    return Trace(sites, module_inputs, {name: id(tensor) for name, tensor in conv_input.items()})
+
+
+def trace_convs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[ConvSite]:
+    return trace_model(model, inputs).sites
+
+
+def _has_bias_after_fold(model: nn.Module, name: str, module: nn.Module) -> bool:
+    if module.bias is not None:
+        return True
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return isinstance(getattr(parent, "bn", None), nn.BatchNorm2d)
+
+
+def _tensor_name(tensor: torch.Tensor, consumer: str, producers: dict[int, list[str]], inputs) -> str:
+    """The outermost module that returned the tensor ("model_1"), else a name from its reader."""
+    made_by = producers.get(id(tensor))
+    if made_by:
+        return min(made_by, key=lambda n: (n.count("."), n)).replace(".", "_")
+    # The Detector fuses its sensors with a torch.cat in fuse_inputs; that tensor feeds the stem conv.
+    if any(tensor is t for t in inputs) or consumer == STEM_CONV:
+        return INPUT_TENSOR_NAME
+    # Built inside a forward (the torch.cat in C3 and SPP): name it after the block that reads it.
+    block = consumer[: -len(".conv")] if consumer.endswith(".conv") else consumer
+    return f"{block}_in".replace(".", "_")

@@ -1,0 +1,555 @@
+"""Training: the FP32 teacher and GHOST QAT with self-distillation, one loop for both.
+
+Every epoch starts by reseeding all generators from (seed, epoch), and a resumable state is saved at
+the end of every epoch, so a killed run resumed with `--resume` ends with the same weights as a run
+that was never interrupted.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from .errors import UserError
+from .io import write_json_atomic
+from .loss import DetectionLoss
+from .model import build_model
+from .val import batch_inputs, evaluate_model
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled order fixed by (seed, epoch), sharded across DDP ranks; the reference never shuffled (B5).
+
+    Yields (index, (seed, epoch, index)): the dataset seeds each sample's augmentation from that, so a
+    resumed epoch sees exactly the images and augmentations the interrupted one saw.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.shuffle, self.rank, self.world_size = size, seed, shuffle, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            order = list(range(self.size))
+        else:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        per_rank = math.ceil(self.size / self.world_size)
+        order += order[: per_rank * self.world_size - len(order)]  # pad so every rank has the same count
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter([(index, (self.seed, self.epoch, index)) for index in self._order()])
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device", f"{device} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+@dataclass
+class DataBundle:
+    spec: object
+    train: object
+    val: object
+    data_yaml: str
+
+
+def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: bool | None = None) -> DataBundle:
+    """The dataset named by `data` (a YAML path), else by the recipe; `embedded` builds the demo set."""
+    from .data import Dataset, ensure_synthetic_dataset, load_dataset_yaml
+
+    source = data or recipe.get("data") or "embedded"
+    data_yaml = str(ensure_synthetic_dataset(seed=0) if source == "embedded" else source)
+    spec = load_dataset_yaml(data_yaml)
+    modalities = set(spec.modalities)
+    needed = {"rgb+ir": {"rgb", "ir"}, "rgb": {"rgb"}, "ir": {"ir"}}[recipe["input_mode"]]
+    if not needed <= modalities:
+        raise UserError(data_yaml, f"input mode {recipe['input_mode']} needs modalities {sorted(needed)}, dataset has {sorted(modalities)}")
+    hr = recipe.get("sr", False) if with_hr is None else with_hr
+    train = Dataset(spec, "train", recipe["img_size"], augment=True, hyp=recipe["hyp"], strict=strict, with_hr=hr)
+    val = Dataset(spec, "val", recipe["img_size"], augment=False, hyp=recipe["hyp"], strict=strict)
+    return DataBundle(spec=spec, train=train, val=val, data_yaml=data_yaml)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0, rank: int = 0, world_size: int = 1):
+    from .data import collate
+
+    sampler = EpochSampler(len(dataset), seed, shuffle=shuffle, rank=rank, world_size=world_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        drop_last=False, persistent_workers=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ optimiser
+def build_optimizer(model: nn.Module, extra: list[nn.Module], cfg: dict, accumulate: int, batch_size: int) -> torch.optim.SGD:
+    """SGD with three groups: conv/linear weights (decayed), norm weights and biases (not decayed).
+
+    Weight decay really applies here (the reference built groups without it, B6); it scales with the
+    effective batch as in YOLOv5.
+    """
+    decay, no_decay, biases = [], [], []
+    for module in [model, *extra]:
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.endswith(".bias"):
+                biases.append(param)
+            elif param.ndim <= 1:  # norm weights, quantizer scales
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    weight_decay = cfg["weight_decay"] * batch_size * accumulate / cfg["nominal_batch"]
+    if cfg["optimizer"] == "adamw":  # beta1 follows the momentum schedule, as in YOLOv5's --adam
+        optimizer = torch.optim.AdamW(no_decay, lr=cfg["lr0"], betas=(cfg["momentum"], 0.999), weight_decay=0.0)
+    elif cfg["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(no_decay, lr=cfg["lr0"], momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+    else:
+        raise UserError(None, f"recipe optimizer must be sgd or adamw, got {cfg['optimizer']!r}")
+    optimizer.add_param_group({"params": decay, "weight_decay": weight_decay})
+    optimizer.add_param_group({"params": biases})
+    return optimizer
+
+
+def cosine_lambda(epochs: int, lrf: float):
+    return lambda epoch: ((1 - math.cos(epoch * math.pi / max(epochs, 1))) / 2) * (lrf - 1) + 1
+
+
+class ModelEMA:
+    """Exponential moving average of weights with YOLOv5's ramped decay."""
+
+    def __init__(self, model: nn.Module, decay: float, tau: float, updates: int = 0):
+        self.ema = copy.deepcopy(model).eval()
+        self.decay, self.tau, self.updates = decay, tau, updates
+        for param in self.ema.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        source = model.state_dict()
+        for key, value in self.ema.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(source[key].detach(), alpha=1 - d)
+            else:
+                value.copy_(source[key])
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ------------------------------------------------------------------------------------------ the loop
+@dataclass
+class StageSpec:
+    """What differs between the teacher and the GHOST stage: the model(s) and the loss of one step."""
+
+    name: str  # "teacher" | "ghost"
+    model: nn.Module
+    cfg: dict
+    extra_modules: list[nn.Module] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    step_fn: object = None  # (batch, inputs) -> (loss, items dict)
+    epoch_end_fn: object = None  # (epoch) -> dict of extra log columns
+    train_module: nn.Module | None = None  # what one step calls (DDP wraps it); holds `model`
+
+
+def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device: torch.device,
+        resume: bool = False, progress: bool = True, epochs: int | None = None, rank: int = 0, world_size: int = 1,
+        log=print) -> dict:
+    """Train `stage.model`; write last/best checkpoints (EMA weights), results.csv and a resumable state."""
+    cfg = stage.cfg
+    epochs = epochs if epochs is not None else cfg["epochs"]
+    batch_size = cfg["batch_size"]
+    seed = recipe["seed"]
+    model = stage.model.to(device)
+    train_module = stage.train_module.to(device)
+    if world_size > 1:
+        train_module = nn.parallel.DistributedDataParallel(train_module, find_unused_parameters=True)
+    loader = make_loader(data.train, batch_size, True, seed, recipe["workers"], rank, world_size)
+    val_loader = make_loader(data.val, batch_size, False, seed, recipe["workers"])
+    batches = len(loader)
+    accumulate = max(round(cfg["nominal_batch"] / (batch_size * world_size)), 1)
+    optimizer = build_optimizer(model, stage.extra_modules, cfg, accumulate, batch_size * world_size)
+    lf = cosine_lambda(epochs, cfg["lrf"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_tau"])
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    warmup_iters = round(cfg["warmup_epochs"] * batches) if cfg["warmup_epochs"] > 0 else 0
+    weights_dir = out_dir / "weights"
+    state_path = out_dir / "train_state.safetensors"
+    csv_path = out_dir / "results.csv"
+    start_epoch, best_fitness, best_metrics = 0, -1.0, {}
+    if resume:
+        start_epoch, best_fitness, best_metrics = _restore_state(state_path, model, ema, optimizer, scheduler, stage)
+        log(f"resumed {stage.name} from {state_path} at epoch {start_epoch}/{epochs}")
+    iteration = start_epoch * batches
+    last_step_iteration = iteration - 1
+    nc = data.spec.nc
+    for epoch in range(start_epoch, epochs):
+        seed_everything(epoch_seed(seed, epoch) + rank)
+        loader.sampler.set_epoch(epoch)
+        train_module.train()
+        running = {}
+        bar = tqdm(loader, desc=f"{stage.name} {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False)
+        optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        for batch in bar:
+            if iteration <= warmup_iters and warmup_iters > 0:
+                accumulate_now = max(1, round(np.interp(iteration, [0, warmup_iters], [1, accumulate])))
+                for index, group in enumerate(optimizer.param_groups):
+                    start_lr = cfg["warmup_bias_lr"] if index == 2 else 0.0
+                    group["lr"] = float(np.interp(iteration, [0, warmup_iters], [start_lr, group["initial_lr"] * lf(epoch)]))
+                    momentum = float(np.interp(iteration, [0, warmup_iters], [cfg["warmup_momentum"], cfg["momentum"]]))
+                    if "betas" in group:
+                        group["betas"] = (momentum, group["betas"][1])
+                    else:
+                        group["momentum"] = momentum
+            else:
+                accumulate_now = accumulate
+            inputs = batch_inputs(batch, model.input_names, device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss, items = stage.step_fn(train_module, batch, inputs)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss at epoch {epoch} iteration {iteration}: {items}")
+            scaler.scale(loss).backward()
+            if iteration - last_step_iteration >= accumulate_now:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 10.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(model)
+                last_step_iteration = iteration
+            for key, value in items.items():
+                running[key] = running.get(key, 0.0) + float(value)
+            count = iteration - epoch * batches + 1
+            bar.set_postfix({k: f"{v / count:.3g}" for k, v in running.items()})
+            iteration += 1
+        scheduler.step()
+        train_seconds = time.perf_counter() - started
+        extra_columns = stage.epoch_end_fn(epoch) if stage.epoch_end_fn else {}
+        if rank != 0:
+            continue
+        metrics = evaluate_model(ema.ema, val_loader, nc, recipe["eval"]["conf_thres"], recipe["eval"]["iou_thres"],
+                                 recipe["eval"]["max_det"], device=device)
+        fitness = float(metrics["mAP50"])
+        row = {"epoch": epoch + 1, **{k: round(v / batches, 5) for k, v in running.items()},
+               "mAP50": round(metrics["mAP50"], 5), "mAP50_95": round(metrics["mAP50_95"], 5),
+               "lr": round(optimizer.param_groups[0]["lr"], 6), "seconds": round(train_seconds, 1), **extra_columns}
+        _append_csv(csv_path, row)
+        log(f"{stage.name} epoch {epoch + 1}/{epochs}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
+        meta = {**stage.meta, "epoch": epoch + 1, "metrics": {"mAP50": metrics["mAP50"], "mAP50_95": metrics["mAP50_95"]}}
+        save_checkpoint(weights_dir / "last.safetensors", ema.ema, meta)
+        if fitness > best_fitness:
+            best_fitness, best_metrics = fitness, metrics
+            save_checkpoint(weights_dir / "best.safetensors", ema.ema, {**meta, "best": True})
+        _save_state(state_path, model, ema, optimizer, scheduler, stage, epoch + 1, best_fitness, best_metrics)
+    if rank == 0 and not (weights_dir / "best.safetensors").exists():
+        raise RuntimeError("training ran no epoch; nothing to save")
+    return {"best_fitness": best_fitness, "best_metrics": _jsonable(best_metrics), "model": model,
+            "best": str(weights_dir / "best.safetensors"), "last": str(weights_dir / "last.safetensors")}
+
+
+def _jsonable(metrics: dict) -> dict:
+    return json.loads(json.dumps(metrics, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    exists = path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if not exists:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _save_state(path, model, ema, optimizer, scheduler, stage, epoch, best_fitness, best_metrics) -> None:
+    tensors, optim_meta = optimizer_tensors(optimizer)
+    extra = {f"ema.{k}": v for k, v in ema.ema.state_dict().items()}
+    extra.update(tensors)
+    for index, module in enumerate(stage.extra_modules):
+        extra.update({f"extra{index}.{k}": v for k, v in module.state_dict().items()})
+    meta = {**stage.meta, "resume": {
+        "epoch": epoch, "best_fitness": best_fitness, "best_metrics": _jsonable(best_metrics),
+        "ema_updates": ema.updates, "optimizer": optim_meta, "scheduler": scheduler.state_dict(),
+    }}
+    save_checkpoint(path, model, meta, extra=extra)
+
+
+def _restore_state(path, model, ema, optimizer, scheduler, stage):
+    if not path.exists():
+        raise UserError(path.parent, "cannot resume: no train_state.safetensors in this run folder")
+    ckpt = load_checkpoint(path)
+    load_model_state(model, ckpt.model_state, path)
+    load_model_state(ema.ema, ckpt.prefixed("ema."), path)
+    for index, module in enumerate(stage.extra_modules):
+        load_model_state(module, ckpt.prefixed(f"extra{index}."), path)
+    info = ckpt.meta["resume"]
+    ema.updates = info["ema_updates"]
+    restore_optimizer(optimizer, {k: v for k, v in ckpt.tensors.items() if k.startswith("optim.")}, info["optimizer"])
+    scheduler.load_state_dict(info["scheduler"])
+    return info["epoch"], info["best_fitness"], info["best_metrics"]
+
+
+# ------------------------------------------------------------------------------------------ stages
+def checkpoint_meta(recipe: dict, spec, stage: str, data_yaml: str, model, bit_plan=None) -> dict:
+    return {
+        "version": __version__, "stage": stage, "model": recipe["model"], "nc": spec.nc, "names": list(spec.names),
+        "input_mode": recipe["input_mode"], "input_names": list(model.input_names), "img_size": recipe["img_size"],
+        "sr": model.sr is not None, "data": data_yaml, "recipe": {k: v for k, v in recipe.items()},
+        "strides": model.detect.stride.tolist(), "anchors_pixels": model.detect.anchors_pixels.tolist(),
+        "bit_plan": None if bit_plan is None else bit_plan.to_dict(),
+    }
+
+
+def model_from_checkpoint(path, with_sr: bool = True):
+    """Rebuild the exact model a checkpoint was saved from (quantizers and bit plan included)."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    state = ckpt.model_state
+    has_sr = any(k.startswith("sr.") for k in state)
+    model = build_model(meta["model"], nc=meta["nc"], input_mode=meta["input_mode"], sr=has_sr)
+    if meta.get("bit_plan"):
+        from .quant import BitPlan, quantize_model
+
+        plan = BitPlan.from_dict(meta["bit_plan"])
+        model = quantize_model(model, plan, scale_init="max")  # scales are overwritten by the checkpoint's
+    load_model_state(model, state, path)
+    if has_sr and not with_sr:
+        model.sr = None
+    return model.eval(), meta
+
+
+class TeacherForward(nn.Module):
+    """What one teacher step computes, as one module so DDP can wrap it: head maps and the SR output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        heads, features = self.model.forward_features(*inputs)
+        sr = self.model.forward_sr(features) if self.model.sr is not None else None
+        return heads, sr
+
+
+def _teacher_step(loss_fn, sr_weight: float, input_names):
+    def step(train_module, batch, inputs):
+        heads, sr = train_module(*inputs)
+        loss, items = loss_fn(heads, batch["targets"].to(inputs[0].device))
+        logged = {"box": items[0], "obj": items[1], "cls": items[2]}
+        if sr is not None:
+            target = torch.cat([batch[f"hr_{name}"].to(sr.device) for name in input_names], dim=1)
+            sr_loss = sr_weight * F.l1_loss(sr.float(), target)
+            loss = loss + sr_loss * inputs[0].shape[0]  # the detection loss is scaled by batch size too
+            logged["sr"] = sr_loss.detach()
+        return loss, logged
+
+    return step
+
+
+def train_teacher(recipe: dict, out_dir, data: str | None = None, device: str | None = None, resume: bool = False,
+                  progress: bool = True, strict: bool = False, epochs: int | None = None, rank: int = 0,
+                  world_size: int = 1, log=print) -> dict:
+    """Train the FP32 teacher (with the SR branch when the recipe asks). Returns paths and best metrics."""
+    out_dir = Path(out_dir)
+    bundle = load_data(recipe, data, strict=strict)
+    _report_skipped(bundle, log)
+    seed_everything(recipe["seed"])
+    model = build_model(recipe["model"], nc=bundle.spec.nc, input_mode=recipe["input_mode"], sr=recipe["sr"])
+    loss_fn = DetectionLoss(model.detect, recipe["hyp"], img_size=recipe["img_size"])
+    dev = resolve_device(device)
+    stage = StageSpec("teacher", model, recipe["teacher"], meta=checkpoint_meta(recipe, bundle.spec, "teacher", bundle.data_yaml, model),
+                      step_fn=_teacher_step(loss_fn, recipe["hyp"]["sr_weight"], model.input_names),
+                      train_module=TeacherForward(model))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = fit(stage, recipe, bundle, out_dir, dev, resume=resume, progress=progress, epochs=epochs, rank=rank,
+                 world_size=world_size, log=log)
+    result["skipped"] = len(getattr(bundle.train, "skipped", [])) + len(getattr(bundle.val, "skipped", []))
+    return result
+
+
+def _report_skipped(bundle: DataBundle, log) -> None:
+    for split in (bundle.train, bundle.val):
+        skipped = getattr(split, "skipped", [])
+        if skipped:
+            log(f"warning: skipped {len(skipped)} bad samples in {bundle.data_yaml} (first: {skipped[0][0]}: {skipped[0][1]}); --strict makes this an error")
+
+
+class GhostForward(nn.Module):
+    """One GHOST step's trainable part, as one module for DDP: the quantized student and the switch."""
+
+    def __init__(self, student, distiller):
+        super().__init__()
+        self.student = student
+        self.distiller = distiller
+
+    def forward(self, *inputs):
+        return self.student.forward_features(*inputs)
+
+
+def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
+    from .distill import gqsd_loss
+
+    def step(train_module, batch, inputs):
+        inner = train_module.module if hasattr(train_module, "module") else train_module
+        targets = batch["targets"].to(inputs[0].device)
+        heads, student_features = train_module(*inputs)
+        det_loss, items = loss_fn(heads, targets)
+        logged = {"box": items[0], "obj": items[1], "cls": items[2]}
+        if not distill_cfg["enabled"]:
+            return det_loss, logged
+        with torch.no_grad():
+            teacher_heads, teacher_features = teacher.forward_features(*inputs)
+            teacher_per_image = loss_fn(teacher_heads, targets, per_image=True)[0]
+        student_per_image = loss_fn([h.detach() for h in heads], targets, per_image=True)[0]
+        out = inner.distiller(teacher_features, student_features, teacher_per_image, student_per_image)
+        open_log.update(out.gates)
+        total, parts = gqsd_loss(det_loss, out, ost_weight=distill_cfg["ost_weight"], switch_weight=distill_cfg["switch_weight"])
+        logged.update({"ost": parts["ost"], "switch": parts["switch"], "open": out.gates.float().mean()})
+        return total, logged
+
+    return step
+
+
+def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
+    """The GHOST bit plan: an edited JSON when given, else HQ (k-means rule) or a budget, per the recipe."""
+    from .quant import BitPlan, budget_plan, hq_plan
+
+    plan_cfg = recipe["ghost"]["plan"]
+    if bit_plan_path:
+        return BitPlan.load(bit_plan_path, model=student)
+    if plan_cfg["method"] == "hq":
+        plan = hq_plan(student, threshold=plan_cfg["threshold"], bit_min=plan_cfg["bit_min"], bit_max=plan_cfg["bit_max"],
+                       seed=recipe["seed"], act_bits=plan_cfg["act_bits"], img_size=recipe["img_size"])
+    elif plan_cfg["method"] == "budget":
+        plan = budget_plan(student, {k: plan_cfg[k] for k in ("avg_bits", "size_mb", "bops_g") if k in plan_cfg},
+                           act_bits=plan_cfg["act_bits"], img_size=recipe["img_size"])
+    else:
+        raise UserError(recipe.get("recipe_path"), f"ghost.plan.method must be hq or budget, got {plan_cfg['method']!r}")
+    return plan
+
+
+def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bit_plan_path=None, device: str | None = None,
+                resume: bool = False, progress: bool = True, strict: bool = False, epochs: int | None = None,
+                rank: int = 0, world_size: int = 1, log=print, distill: bool | None = None) -> dict:
+    """GHOST: student initialised from the teacher, quantized with the bit plan, trained with GQSD + OST/SCM."""
+    from .distill import OpenRateLog, SelfTeaching
+    from .quant import calibrate_activations, quantize_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher, teacher_meta = model_from_checkpoint(teacher_path, with_sr=False)
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    recipe = {**recipe, "model": teacher_meta["model"], "input_mode": teacher_meta["input_mode"]}
+    bundle = load_data(recipe, data or teacher_meta.get("data"), strict=strict, with_hr=False)
+    seed_everything(recipe["seed"])
+    student = build_model(teacher_meta["model"], nc=teacher_meta["nc"], input_mode=teacher_meta["input_mode"])
+    student.load_state_dict(teacher.detector_state_dict())
+    plan_file = out_dir / "bit_plan.json"
+    if resume and plan_file.exists():
+        bit_plan_path = plan_file  # the plan is part of the run's state
+    from .distributed import broadcast_object
+    from .quant import BitPlan
+
+    # Computed once on rank 0 and broadcast, so every rank quantizes with the very same plan.
+    plan_json = make_bit_plan(student, recipe, bit_plan_path, log).to_json() if rank == 0 else None
+    plan = BitPlan.from_json(broadcast_object(plan_json))
+    if rank == 0:
+        plan.save(plan_file)
+        log(plan.summary())
+    calib_loader = make_loader(bundle.train, recipe["ghost"]["batch_size"], True, recipe["seed"])
+    calib_batches = []
+    for index, batch in enumerate(calib_loader):
+        if index >= recipe["ghost"]["calib_batches"]:
+            break
+        calib_batches.append(batch_inputs(batch, student.input_names))
+    student = quantize_model(student, plan)
+    calibrate_activations(student, calib_batches)
+    distill_cfg = dict(recipe["ghost"]["distill"])
+    if distill is not None:
+        distill_cfg["enabled"] = distill
+    probe = [torch.zeros(1, 3 if n == "rgb" else 1, 64, 64) for n in student.input_names]
+    with torch.no_grad():
+        channels = [f.shape[1] for f in teacher.forward_features(*probe)[1]]
+    distiller = SelfTeaching(channels, channels, qk_dim=distill_cfg["qk_dim"], tau=distill_cfg["tau"],
+                             open_bounds=tuple(distill_cfg["open_bounds"]), layer_norm=distill_cfg["layer_norm"])
+    open_log = OpenRateLog()
+    loss_fn = DetectionLoss(student.detect, recipe["hyp"], img_size=recipe["img_size"])
+    dev = resolve_device(device)
+    teacher.to(dev)
+
+    def epoch_end(epoch):
+        rates = open_log.epoch_summary()
+        open_log.reset()
+        return {"open_rate": round(float(np.mean(rates)), 4) if rates else "", "open_rate_per_layer": " ".join(f"{r:.2f}" for r in rates)}
+
+    meta = checkpoint_meta(recipe, bundle.spec, "ghost", bundle.data_yaml, student, bit_plan=plan)
+    meta["teacher"] = {"path": str(teacher_path), "metrics": teacher_meta.get("metrics")}
+    meta["distill"] = distill_cfg
+    stage = StageSpec("ghost", student, recipe["ghost"], extra_modules=[distiller], meta=meta,
+                      step_fn=_ghost_step(teacher, loss_fn, distill_cfg, open_log), epoch_end_fn=epoch_end,
+                      train_module=GhostForward(student, distiller))
+    result = fit(stage, recipe, bundle, out_dir, dev, resume=resume, progress=progress, epochs=epochs, rank=rank,
+                 world_size=world_size, log=log)
+    result["bit_plan"] = str(plan_file)
+    return result
