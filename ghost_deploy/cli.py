@@ -5,38 +5,14 @@ file and the problem; `--debug` shows the traceback).
 """
 from __future__ import annotations
 
-import functools
 import sys
-import traceback
 from pathlib import Path
 
 import click
 
-from .errors import EXIT_PARITY, EXIT_USER, ParityError, UserError
+from .errors import DEBUG, EXIT_USER, UserError, handle_cli_errors
 
-DEBUG = {"on": False}
-
-
-def _handle_errors(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except UserError as error:
-            if DEBUG["on"]:
-                traceback.print_exc()
-            click.echo(f"error: {error.line()}", err=True)
-            sys.exit(EXIT_USER)
-        except ParityError as error:
-            if DEBUG["on"]:
-                traceback.print_exc()
-            click.echo(f"parity gate FAILED: {error}", err=True)
-            sys.exit(EXIT_PARITY)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing half-written was kept", err=True)
-            sys.exit(130)
-
-    return wrapper
+_handle_errors = handle_cli_errors  # stage commands (bench, export) import it from here or from errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -143,6 +119,64 @@ def _newest(folder: Path, pattern: str) -> Path:
     if not found:
         raise UserError(folder, f"no {pattern} here; pass the file explicitly")
     return found[-1]
+
+
+@main.group()
+def data() -> None:
+    """Datasets: convert VEDAI annotations, generate the embedded demo set."""
+
+
+@data.command("convert-vedai")
+@click.argument("annotation_file", type=click.Path())
+@click.argument("labels_dir", type=click.Path(file_okay=False))
+@click.option("--image-size", type=int, default=1024, show_default=True, help="Pixel size the annotation coordinates refer to.")
+@_handle_errors
+def convert_vedai_command(annotation_file, labels_dir, image_size):
+    """Turn VEDAI's annotation file (e.g. annotation1024.txt) into YOLO labels in LABELS_DIR.
+
+    Classes in GHOST's order: car, pickup, camping, truck, other, tractor, boat, van. Motorcycles,
+    buses and planes are dropped and counted (not merged into van). See docs/data.md for the map.
+    """
+    from .data import convert_vedai
+
+    stats = convert_vedai(annotation_file, labels_dir, image_size=image_size)
+    click.echo(" ".join(f"{k}={v}" for k, v in stats.items()))
+
+
+@data.command("synth")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Where to write (default: the cache folder).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_handle_errors
+def synth_command(root, seed):
+    """Generate (or find) the embedded RGB+IR demo set and print its dataset YAML."""
+    from .data import ensure_synthetic_dataset
+
+    click.echo(str(ensure_synthetic_dataset(root=root, seed=seed)))
+
+
+@main.command("plan")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Bit plan JSON to write (edit it, then train --bit-plan).")
+@click.option("--threshold", type=float, default=None, help="HQ k-means threshold T (paper: 0.1).")
+@click.option("--avg-bits", type=float, default=None, help="Budget mode: average weight bits.")
+@click.option("--size-mb", type=float, default=None, help="Budget mode: model size in MB.")
+@click.option("--bops-g", type=float, default=None, help="Budget mode: GBOPs.")
+@click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
+@_handle_errors
+def plan_command(checkpoint, out, threshold, avg_bits, size_mb, bops_g, act_bits):
+    """Choose per-layer bits for CHECKPOINT's model: HQ (default) or a size/BOPs/bits budget."""
+    from .quant import budget_plan, hq_plan
+    from .train import model_from_checkpoint
+
+    model, meta = model_from_checkpoint(checkpoint, with_sr=False)
+    budget = {k: v for k, v in {"avg_bits": avg_bits, "size_mb": size_mb, "bops_g": bops_g}.items() if v is not None}
+    if budget:
+        plan = budget_plan(model, budget, act_bits=act_bits, img_size=meta["img_size"])
+    else:
+        plan = hq_plan(model, threshold=threshold if threshold is not None else 0.1, act_bits=act_bits, img_size=meta["img_size"])
+    plan.save(out)
+    click.echo(plan.summary())
+    click.echo(f"bit plan written to {out}")
 
 
 def _register_stage_commands() -> None:

@@ -44,8 +44,9 @@ def broadcast_object(obj, src: int = 0):
 
 
 def weights_digest(model: torch.nn.Module) -> str:
+    """Hash of the trainable weights (BN running statistics are per-rank between DDP's buffer broadcasts)."""
     digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
+    for key, value in sorted(model.named_parameters()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -30,3 +30,36 @@ class ParityError(Exception):
     def __init__(self, message: str, report: dict | None = None):
         self.report = report or {}
         super().__init__(message)
+
+
+# Set by the CLI's --debug flag: show tracebacks instead of one-line errors.
+DEBUG = {"on": False}
+
+
+def handle_cli_errors(func):
+    """Map UserError to one line on stderr + exit 2, ParityError to exit 1; tracebacks only with --debug."""
+    import functools
+    import sys
+    import traceback
+
+    import click
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as error:
+            if DEBUG["on"]:
+                traceback.print_exc()
+            click.echo(f"error: {error.line()}", err=True)
+            sys.exit(EXIT_USER)
+        except ParityError as error:
+            if DEBUG["on"]:
+                traceback.print_exc()
+            click.echo(f"parity gate FAILED: {error}", err=True)
+            sys.exit(EXIT_PARITY)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing half-written was kept", err=True)
+            sys.exit(130)
+
+    return wrapper

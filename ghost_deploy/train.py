@@ -241,7 +241,6 @@ def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device:
         start_epoch, best_fitness, best_metrics = _restore_state(state_path, model, ema, optimizer, scheduler, stage)
         log(f"resumed {stage.name} from {state_path} at epoch {start_epoch}/{epochs}")
     iteration = start_epoch * batches
-    last_step_iteration = iteration - 1
     nc = data.spec.nc
     for epoch in range(start_epoch, epochs):
         seed_everything(epoch_seed(seed, epoch) + rank)
@@ -250,6 +249,7 @@ def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device:
         running = {}
         bar = tqdm(loader, desc=f"{stage.name} {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False)
         optimizer.zero_grad(set_to_none=True)
+        last_step_iteration = iteration - 1  # accumulation restarts each epoch, so a resumed epoch steps alike
         started = time.perf_counter()
         for batch in bar:
             if iteration <= warmup_iters and warmup_iters > 0:
@@ -447,7 +447,7 @@ class GhostForward(nn.Module):
 
 
 def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
-    from .distill import gqsd_loss
+    from .distill import gqsd_loss, ost_distance
 
     def step(train_module, batch, inputs):
         inner = train_module.module if hasattr(train_module, "module") else train_module
@@ -460,11 +460,15 @@ def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
         with torch.no_grad():
             teacher_heads, teacher_features = teacher.forward_features(*inputs)
             teacher_per_image = loss_fn(teacher_heads, targets, per_image=True)[0]
+        if not distill_cfg["switch"]:  # plain GQSD: every layer of every image distilled, no SCM
+            ost = ost_distance(teacher_features, student_features, distill_cfg["layer_norm"]).mean(dim=0).sum()
+            logged["ost"] = ost.detach()
+            return det_loss + distill_cfg["ost_weight"] * ost, logged
         student_per_image = loss_fn([h.detach() for h in heads], targets, per_image=True)[0]
         out = inner.distiller(teacher_features, student_features, teacher_per_image, student_per_image)
         open_log.update(out.gates)
         total, parts = gqsd_loss(det_loss, out, ost_weight=distill_cfg["ost_weight"], switch_weight=distill_cfg["switch_weight"])
-        logged.update({"ost": parts["ost"], "switch": parts["switch"], "open": out.gates.float().mean()})
+        logged.update({"ost": parts["ost"], "switch": parts["switch"], "open": out.gates.detach().float().mean()})
         return total, logged
 
     return step
@@ -475,6 +479,8 @@ def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
     from .quant import BitPlan, budget_plan, hq_plan
 
     plan_cfg = recipe["ghost"]["plan"]
+    if isinstance(bit_plan_path, BitPlan):
+        return bit_plan_path
     if bit_plan_path:
         return BitPlan.load(bit_plan_path, model=student)
     if plan_cfg["method"] == "hq":
@@ -508,6 +514,8 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
     plan_file = out_dir / "bit_plan.json"
     if resume and plan_file.exists():
         bit_plan_path = plan_file  # the plan is part of the run's state
+    if callable(bit_plan_path):  # a plan that depends on the student, e.g. a uniform plan for an ablation
+        bit_plan_path = bit_plan_path(student)
     from .distributed import broadcast_object
     from .quant import BitPlan
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ghost_deploy.cli import _handle_errors
+from ghost_deploy.errors import handle_cli_errors as _handle_errors
 from ghost_deploy.errors import EXIT_PARITY, UserError
 
 DEFAULT_RUN = Path("runs") / "demo"

@@ -12,9 +12,12 @@ def _cli_errors(func):
     this module and ghost_deploy/cli.py can import each other in either order."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from ..cli import _handle_errors
+        from .. import errors
 
-        return _handle_errors(func)(*args, **kwargs)
+        handler = getattr(errors, "handle_cli_errors", None)
+        if handler is None:
+            from ..cli import _handle_errors as handler
+        return handler(func)(*args, **kwargs)
 
     return wrapper
 

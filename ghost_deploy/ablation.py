@@ -1,0 +1,77 @@
+"""The GHOST ablation: one teacher, one seed, each ingredient added in turn, scored on the test split.
+
+Rows: FP32 teacher; uniform 8-bit QAT; uniform 4-bit QAT without distillation; HQ plan without
+distillation; HQ + GQSD (every layer distilled, no switch); HQ + GQSD + OST/SCM (the full method).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .io import write_json_atomic
+
+ROWS = (
+    ("uniform W8 QAT", {"plan": ("uniform", 8), "distill": False}),
+    ("uniform W4 QAT, no distillation", {"plan": ("uniform", 4), "distill": False}),
+    ("HQ plan, no distillation", {"plan": "hq", "distill": False}),
+    ("HQ + GQSD (no switch)", {"plan": "hq", "distill": True, "switch": False}),
+    ("HQ + GQSD + OST/SCM (GHOST)", {"plan": "hq", "distill": True, "switch": True}),
+)
+
+
+def score_checkpoint(path, recipe: dict, split: str = "test") -> dict:
+    """mAP on `split`, average bits, size and BOPs of a checkpoint."""
+    from .data import Dataset, load_dataset_yaml
+    from .quant import BitPlan, average_weight_bits, bops, size_mb, uniform_plan
+    from .train import make_loader, model_from_checkpoint
+    from .val import evaluate_model
+
+    model, meta = model_from_checkpoint(path, with_sr=False)
+    spec = load_dataset_yaml(meta["data"])
+    loader = make_loader(Dataset(spec, split, meta["img_size"], augment=False), 16, False, 0)
+    metrics = evaluate_model(model, loader, meta["nc"], recipe["eval"]["conf_thres"], recipe["eval"]["iou_thres"])
+    plan = BitPlan.from_dict(meta["bit_plan"]) if meta.get("bit_plan") else uniform_plan(
+        model, weight_bits=32, act_bits=32, image_size=meta["img_size"])
+    return {"mAP50": metrics["mAP50"], "mAP50_95": metrics["mAP50_95"], "per_class_ap50": metrics["per_class"]["ap50"],
+            "avg_weight_bits": average_weight_bits(plan)["param_weighted"], "size_mb": size_mb(plan),
+            "bops_g": bops(plan) / 1e9, "checkpoint": str(path)}
+
+
+def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: int | None = None, split: str = "test",
+                 progress: bool = False, log=print) -> list[dict]:
+    from .quant import uniform_plan
+    from .train import train_ghost, train_teacher
+
+    out = Path(out)
+    if teacher is None:
+        teacher = train_teacher(recipe, out / "teacher", progress=progress, log=log)["best"]
+    rows = [{"row": "FP32 teacher", **score_checkpoint(teacher, recipe, split)}]
+    log(_format_row(rows[-1]))
+    for index, (name, setup) in enumerate(ROWS):
+        if isinstance(setup["plan"], tuple):
+            bits = setup["plan"][1]
+            plan = lambda student, bits=bits: uniform_plan(student, weight_bits=bits, act_bits=8, image_size=recipe["img_size"])
+        else:
+            plan = None  # the recipe's HQ plan
+        row_recipe = {**recipe, "ghost": {**recipe["ghost"], "distill": {**recipe["ghost"]["distill"], "switch": setup.get("switch", True)}}}
+        result = train_ghost(row_recipe, out / f"row{index + 1}", teacher, bit_plan_path=plan, distill=setup["distill"],
+                             epochs=epochs, progress=progress, log=lambda *_: None)
+        rows.append({"row": name, **score_checkpoint(result["best"], recipe, split)})
+        log(_format_row(rows[-1]))
+    write_json_atomic(out / "ablation.json", rows)
+    (out / "ablation.md").write_text(format_table(rows, split))
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    return (f"{row['row']:34s} mAP50 {row['mAP50']:.4f}  mAP50:95 {row['mAP50_95']:.4f}  bits {row['avg_weight_bits']:.2f}  "
+            f"size {row['size_mb']:.3f} MB  BOPs {row['bops_g']:.2f} G")
+
+
+def format_table(rows: list[dict], split: str) -> str:
+    teacher = rows[0]["mAP50"] or 1e-12
+    lines = [f"| model ({split} split) | mAP50 | mAP50:95 | % of teacher mAP50 | avg weight bits | size MB | BOPs G |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['row']} | {row['mAP50']:.4f} | {row['mAP50_95']:.4f} | {100 * row['mAP50'] / teacher:.1f}% | "
+                     f"{row['avg_weight_bits']:.2f} | {row['size_mb']:.3f} | {row['bops_g']:.2f} |")
+    return "\n".join(lines) + "\n"

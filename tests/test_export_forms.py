@@ -1,0 +1,120 @@
+"""Other forms of the export: CPU (ORT integer kernels), FP32, INT4 storage with sub-8-bit activations."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from ghost_deploy.export import export_onnx, load_our_onnx
+from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
+from ghost_deploy.quant.trace import conv_names
+
+IMG = 64
+
+
+def write_images(folder, count=2, seed=5):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{index:04d}_co.png")
+        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(folder / f"{index:04d}_ir.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("forms")
+    write_images(folder / "images")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed_checkpoint(root):
+    return save_sample_checkpoint(root / "mixed.safetensors", img_size=IMG, weight_bits=(3, 8), seed=3,
+                                  parity={"images": 2})
+
+
+def test_cpu_target_passes_the_gate_with_integer_kernels(root, mixed_checkpoint):
+    result = export_onnx(mixed_checkpoint, root / "mixed.cpu.onnx", target="cpu", parity_images=root / "images",
+                         progress=False)
+    assert result.passed and result.parity.passed, result.parity.failures
+    assert {row["status"] for row in result.layers} == {"bits preserved"}
+    cpu = result.report["cpu_form"]
+    assert len(cpu["integer_convs"]) > 40 and "model.24.m.0" in cpu["float_convs"]
+    graph = onnx.load(str(result.onnx_path))
+    inits = {i.name: i for i in graph.graph.initializer}
+    quantize = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize and all(inits[q.input[2]].data_type == TensorProto.UINT8 for q in quantize)
+    # ORT really fuses them: QLinearConv in the session's optimized graph
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(root / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(result.onnx_path), options, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(str(root / "optimized.onnx")).graph.node if n.op_type == "QLinearConv"]
+    assert len(fused) == len(cpu["integer_convs"])
+    assert load_our_onnx(result.onnx_path)[1]["target"] == "cpu"
+
+
+def test_fp32_export_matches_the_float_model(root, mixed_checkpoint):
+    result = export_onnx(mixed_checkpoint, root / "mixed.fp32.onnx", fp32=True, parity_images=root / "images",
+                         progress=False)
+    assert result.passed, result.parity.failures
+    for stats in result.parity.outputs.values():
+        assert stats["min_cosine_per_image"] > 0.999999
+    graph = onnx.load(str(result.onnx_path))
+    assert not [n for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "BatchNormalization")]
+    names = {n.name for n in graph.graph.node}
+    assert {"model.3.conv", "model.24.m.2"} <= names
+    _, meta = load_our_onnx(result.onnx_path)
+    assert meta["precision"] == "fp32" and meta["bit_plan"] is None
+    assert result.layers == []
+
+
+def test_int4_storage_is_smaller_and_exact(root):
+    """A low-bit plan (<= 4 bits for most weights, 6-bit activations): INT4 file <= 60% of the INT8 one."""
+    model, _ = build_sample_model(img_size=IMG, weight_bits=4, seed=6)
+    names = conv_names(model)
+    rng = np.random.default_rng(6)
+    bits = {name: int(rng.integers(2, 5)) for name in names}
+    for name in ("model.0.conv", "model.24.m.0", "model.24.m.1", "model.24.m.2"):
+        bits[name] = 8  # a few small layers stay 8-bit
+    model, plan = build_sample_model(img_size=IMG, weight_bits=bits, act_bits=6, seed=6)
+    checkpoint = save_sample_checkpoint(root / "low.safetensors", img_size=IMG, model=model, plan=plan,
+                                        parity={"images": 2})
+    params = {name: layer.params for name, layer in plan.layers.items()}
+    assert sum(params[n] * bits[n] for n in names) / sum(params.values()) <= 5
+
+    int8 = export_onnx(checkpoint, root / "low.onnx", parity_images=root / "images", progress=False)
+    int4 = export_onnx(checkpoint, root / "low.int4.onnx", int4_weights=True, parity_images=root / "images",
+                       progress=False)
+    assert int8.passed and int4.passed, (int8.parity.failures, int4.parity.failures)
+    assert int4.onnx_path.stat().st_size <= 0.6 * int8.onnx_path.stat().st_size
+    graph = onnx.load(str(int4.onnx_path))
+    assert next(o.version for o in graph.opset_import if o.domain == "") == 21
+    inits = {i.name: i for i in graph.graph.initializer}
+    producers = {n.output[0]: n for n in graph.graph.node}
+    nodes = {n.name: n for n in graph.graph.node}
+    for name in names:
+        dq = producers[nodes[name].input[1]]
+        expected = TensorProto.INT4 if bits[name] <= 4 else TensorProto.INT8
+        assert inits[dq.input[0]].data_type == expected, name
+    assert sorted(int4.report["int4_layers"]) == sorted(n for n in names if bits[n] <= 4)
+    assert {row["status"] for row in int4.layers} == {"bits preserved"}
+    assert {row["container"] for row in int4.layers} == {"INT4", "INT8"}
+    assert "weight-only" in int4.report["notes"][0] and "MatMul/GEMM" in int4.report["notes"][0]
+    assert any(f.rule == "int4-conv" for f in int4.lint)
+    # 6-bit activations: a range clip in front of every Q keeps the codes in [-31, 31]
+    clips = [n for n in graph.graph.node if n.op_type == "Clip" and n.name.endswith(".input_clip")]
+    quantize = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(clips) == len(quantize)
+    # the same numbers as the INT8 container, bit for bit
+    feed = {"rgb": np.random.default_rng(0).random((1, 3, IMG, IMG), dtype=np.float32),
+            "ir": np.random.default_rng(1).random((1, 1, IMG, IMG), dtype=np.float32)}
+    exact = ort.SessionOptions()
+    exact.add_session_config_entry("session.disable_quant_qdq", "1")
+    out8 = ort.InferenceSession(str(int8.onnx_path), exact, providers=["CPUExecutionProvider"]).run(None, feed)
+    out4 = ort.InferenceSession(str(int4.onnx_path), exact, providers=["CPUExecutionProvider"]).run(None, feed)
+    for a, b in zip(out8, out4):
+        np.testing.assert_array_equal(a, b)
