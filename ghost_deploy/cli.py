@@ -121,6 +121,29 @@ def _newest(folder: Path, pattern: str) -> Path:
     return found[-1]
 
 
+@main.command()
+@click.option("--recipe", default="demo", show_default=True, help="Recipe name in training/ or a YAML path.")
+@click.option("--data", type=click.Path(), default=None, help="Dataset YAML (default: the recipe's; demo: the embedded set).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe>).")
+@click.option("--target", default="jetson-orin-nano", show_default=True, help="Engine target profile (engines/targets).")
+@click.option("--bench-iterations", type=int, default=50, show_default=True, help="Timed iterations per backend.")
+@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs did not change.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@_handle_errors
+def pipeline(recipe, data, out_dir, target, bench_iterations, force, no_progress):
+    """train -> export -> build-engine -> bench in one run folder, with one summary at the end.
+
+    With no arguments: the demo recipe on the embedded RGB+IR set into runs/demo. Stages whose inputs
+    did not change since the last run are skipped (runs/demo/pipeline.json records why).
+    """
+    from .pipeline import run_pipeline
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    run_pipeline(loaded, Path(out_dir or Path("runs") / loaded["name"]), target=target, data=data, force=force,
+                 bench_iterations=bench_iterations, progress=not no_progress, log=_log)
+
+
 @main.group()
 def data() -> None:
     """Datasets: convert VEDAI annotations, generate the embedded demo set."""

@@ -51,3 +51,191 @@ def _record_ddp_agreement(results: dict, out: Path, rank: int, log) -> None:
     if rank == 0:
         write_json_atomic(out / "ddp.json", agreement)
         log(f"DDP: {agreement['world_size']} ranks, identical weights: {agreement['identical']}")
+
+
+# ---------------------------------------------------------------------------------------- the pipeline
+STAGES = ("teacher", "ghost", "export", "engine", "bench")
+
+
+def _fingerprint(*parts) -> str:
+    """Hash of a stage's inputs: the recipe, the code version, and the sha256 of the files it reads."""
+    import hashlib
+    import json
+
+    from . import __version__
+    from .io import sha256_file
+
+    digest = hashlib.sha256(__version__.encode())
+    for part in parts:
+        if isinstance(part, Path):
+            digest.update(sha256_file(part).encode() if part.is_file() else str(part).encode())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class _StageLedger:
+    """`pipeline.json` in the run folder: each stage's input fingerprint and outputs, to skip unchanged work."""
+
+    def __init__(self, run: Path):
+        import json
+
+        self.path = run / "pipeline.json"
+        self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def fresh(self, stage: str, fingerprint: str) -> dict | None:
+        entry = self.entries.get(stage)
+        if entry and entry["fingerprint"] == fingerprint and all(Path(p).exists() for p in entry["outputs"]):
+            return entry
+        return None
+
+    def record(self, stage: str, fingerprint: str, outputs: list, summary: dict) -> dict:
+        from .io import write_json_atomic
+
+        self.entries[stage] = {"fingerprint": fingerprint, "outputs": [str(p) for p in outputs], "summary": summary}
+        write_json_atomic(self.path, self.entries)
+        return self.entries[stage]
+
+
+def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data=None, force: bool = False,
+                 bench_iterations: int = 50, progress: bool = True, log=print) -> dict:
+    """train (teacher, GHOST) -> export (QDQ, INT4-weight, CPU form, FP32) -> build-engine -> bench, in `run`.
+
+    Each stage reads the previous stage's artifacts; a stage whose inputs did not change since the last
+    run (same recipe, code version and input file hashes) is skipped. Returns the summary it prints.
+    """
+    import time
+
+    from .errors import ParityError
+    from .train import train_ghost, train_teacher
+
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    ledger = _StageLedger(run)
+    timings, verdicts = {}, {}
+
+    def stage(name, fingerprint, work):
+        started = time.perf_counter()
+        entry = None if force else ledger.fresh(name, fingerprint)
+        if entry:
+            log(f"[{name}] unchanged since the last run: skipped")
+        else:
+            log(f"[{name}] running")
+            outputs, summary = work()
+            entry = ledger.record(name, fingerprint, outputs, summary)
+        timings[name] = round(time.perf_counter() - started, 1)
+        return entry["summary"]
+
+    recipe_key = {k: v for k, v in recipe.items() if k != "recipe_path"}
+    teacher = stage("teacher", _fingerprint("teacher", recipe_key, data), lambda: _train_stage(
+        train_teacher(recipe, run / "teacher", data=data, progress=progress, log=log)))
+    ghost = stage("ghost", _fingerprint("ghost", recipe_key, Path(teacher["best"])), lambda: _train_stage(
+        train_ghost(recipe, run / "ghost", teacher["best"], data=data, progress=progress, log=log)))
+    exports = stage("export", _fingerprint("export", Path(ghost["best"]), Path(teacher["best"])),
+                    lambda: _export_stage(run / "export", teacher["best"], ghost["best"], log))
+    verdicts["export"] = {name: info["verdict"] for name, info in exports["onnx"].items()}
+    if not all(info["passed"] for info in exports["onnx"].values()):
+        raise ParityError("an export failed its checks; see " + ", ".join(i["report"] for i in exports["onnx"].values()))
+    engine = stage("engine", _fingerprint("engine", Path(exports["onnx"]["ghost"]["path"]), target),
+                   lambda: _engine_stage(run / "engine", exports["onnx"]["ghost"]["path"], ghost["best"], target))
+    bench = stage("bench", _fingerprint("bench", *(Path(i["path"]) for i in exports["onnx"].values()), bench_iterations),
+                  lambda: _bench_stage(run, bench_iterations, progress, log))
+    summary = {"run": str(run), "teacher": teacher, "ghost": ghost, "export": exports, "engine": engine, "bench": bench,
+               "seconds": timings}
+    log(format_summary(summary))
+    return summary
+
+
+def _train_stage(result: dict):
+    from .checkpoint import read_meta
+
+    meta = read_meta(result["best"])
+    summary = {"best": result["best"], "mAP50": meta["metrics"]["mAP50"], "mAP50_95": meta["metrics"]["mAP50_95"]}
+    if meta.get("bit_plan"):
+        from .quant import BitPlan, average_weight_bits, bops, size_mb
+
+        plan = BitPlan.from_dict(meta["bit_plan"])
+        summary.update(avg_weight_bits=average_weight_bits(plan)["param_weighted"], size_mb=size_mb(plan),
+                       bops_g=bops(plan) / 1e9)
+    return [result["best"]], summary
+
+
+def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log):
+    from .errors import ParityError
+    from .export import export_onnx
+
+    forms = {
+        "ghost": (ghost_ckpt, out / "ghost.onnx", {}),
+        "ghost-int4": (ghost_ckpt, out / "ghost-int4.onnx", {"int4_weights": True}),
+        "ghost-cpu": (ghost_ckpt, out / "ghost-cpu.onnx", {"target": "cpu"}),
+        "teacher-fp32": (teacher_ckpt, out / "teacher-fp32.onnx", {"fp32": True}),
+    }
+    results = {}
+    for name, (ckpt, path, options) in forms.items():
+        try:
+            result = export_onnx(ckpt, path, progress=False, **options)
+        except ParityError as error:
+            log(f"[export] {name}: FAILED: {error}")
+            results[name] = {"path": str(path), "passed": False, "verdict": "FAILED", "report": str(path.with_suffix(".export.json"))}
+            continue
+        parity = result.parity.to_dict() if result.parity is not None else {}
+        results[name] = {"path": str(result.onnx_path), "passed": result.passed, "report": str(result.report_path),
+                         "verdict": "passed" if result.passed else "FAILED", "size_bytes": result.onnx_path.stat().st_size,
+                         "parity": {k: parity.get(k) for k in ("passed", "failures")}}
+        log(f"[export] {name}: {results[name]['verdict']} ({results[name]['size_bytes'] / 1e6:.3f} MB) -> {result.onnx_path}")
+    outputs = [r["path"] for r in results.values() if r["passed"]]
+    return outputs, {"onnx": results}
+
+
+def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):
+    from .engines import build
+
+    result = build(onnx_path, target, out, checkpoint=checkpoint, progress=False)
+    if result["status"] == "engine":
+        return [e["engine"] for e in result["engines"]], {"status": "engine", "engines": result["engines"]}
+    return [result["bundle_dir"]], {"status": "bundle", "reason": result["reason"], "bundle": result["bundle_dir"],
+                                    "bundle_tar": result.get("bundle_tar")}
+
+
+def _bench_stage(run: Path, iterations: int, progress: bool, log):
+    from .bench import run_bench
+    from .bench.run import artifacts_from_run
+
+    result = run_bench(artifacts_from_run(run), run / "bench", iterations=iterations, progress=progress, log=log)
+    rows = {}
+    for backend in result.get("backends", []):
+        batch1 = next((row for row in backend.get("latency") or [] if row["batch"] == 1 and "infer" in row), None)
+        rows[backend["name"]] = {"p50_ms": batch1["infer"]["p50_ms"] if batch1 else None,
+                                 "p99_ms": batch1["infer"]["p99_ms"] if batch1 else None,
+                                 "mAP50": (backend.get("accuracy") or {}).get("mAP50"),
+                                 "status": backend.get("status") if batch1 else (backend.get("reason") or backend.get("status"))}
+    return [str(run / "bench" / "bench.json")], {"json": str(run / "bench" / "bench.json"),
+                                                 "report": str(run / "bench" / "report.md"), "backends": rows}
+
+
+def format_summary(summary: dict) -> str:
+    teacher, ghost, engine = summary["teacher"], summary["ghost"], summary["engine"]
+    lines = ["", "=" * 78, f"ghost-deploy pipeline summary ({summary['run']})", "=" * 78,
+             f"teacher FP32     mAP50 {teacher['mAP50']:.4f}  mAP50:95 {teacher['mAP50_95']:.4f}   {teacher['best']}",
+             f"GHOST            mAP50 {ghost['mAP50']:.4f}  mAP50:95 {ghost['mAP50_95']:.4f}   {ghost['best']}",
+             f"                 avg weight bits {ghost.get('avg_weight_bits', 0):.2f}  size {ghost.get('size_mb', 0):.3f} MB  "
+             f"BOPs {ghost.get('bops_g', 0):.2f} G", "exports (parity vs PyTorch, ONNX Runtime CPU):"]
+    for name, info in summary["export"]["onnx"].items():
+        size = f"{info['size_bytes'] / 1e6:.3f} MB" if info.get("size_bytes") else ""
+        lines.append(f"  {name:14s} {info['verdict']:7s} {size:>11s}  {info['path']}")
+    if engine["status"] == "engine":
+        lines.append("engines: " + ", ".join(e["engine"] for e in engine["engines"]))
+    else:
+        lines.append(f"engine: NO ENGINE WAS BUILT ({engine['reason']})")
+        lines.append(f"  deployment bundle: {engine['bundle']}")
+    lines.append("bench (batch 1, this machine):")
+    for name, row in summary["bench"]["backends"].items():
+        if row.get("p50_ms") is None:
+            lines.append(f"  {name:28s} {row.get('status') or 'skipped'}")
+            continue
+        m = row.get("mAP50")
+        lines.append(f"  {name:28s} p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
+                     f"mAP50 {'n/a' if m is None else f'{m:.4f}'}")
+    lines.append(f"report: {summary['bench']['report']}")
+    lines.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
+    return "\n".join(lines)

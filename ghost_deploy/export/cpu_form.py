@@ -130,12 +130,19 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     graph = model.graph
     new_inits: list[onnx.TensorProto] = []
     removed: set[str] = set()  # output tensor names of the nodes to drop
+    rewire: dict[str, str] = {}  # old dequantized tensor -> new one
+    insertions: list[tuple[str, list[onnx.NodeProto]]] = []  # (tensor after whose producer, nodes)
 
     pairs = _activation_pairs(index)
     by_source: dict[str, list[ActPair]] = {}
     for pair in pairs.values():
         by_source.setdefault(pair.source, []).append(pair)
     handled: set[str] = set()
+
+    def replace(pair: ActPair, out_name: str) -> None:
+        rewire[pair.dequantize.output[0]] = out_name
+        removed.update(n.output[0] for n in (pair.clip, pair.quantize, pair.dequantize) if n is not None)
+        handled.add(pair.quantize.name)
 
     for conv in [n for n in graph.node if _is_quantized_conv(index, n)]:
         tensor, after_relu = _conv_output(index, conv)
@@ -144,41 +151,97 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
             summary.float_convs.append(conv.name)
             continue
         scale, qmax = terminals[0].key()
-        non_negative = after_relu or tensor in nonneg
-        nodes, inits, out_name = _u8_pair(f"{conv.name}.output", tensor, scale, qmax, non_negative, taken)
+        nodes, inits, out_name = _u8_pair(f"{conv.name}.output", tensor, scale, qmax, after_relu or tensor in nonneg, taken)
         new_inits += inits
         direct = [p for p in terminals if p.source == tensor]
-        direct_heads = {(p.clip or p.quantize).output[0] for p in direct}
-        for user in list(index.users(tensor)):
-            if user.output[0] in direct_heads:
-                continue
-            for i, name in enumerate(user.input):
-                if name == tensor:
-                    user.input[i] = out_name
-        for pair in direct:  # the new pair replaces them: their readers read the new DQ
-            for user in index.users(pair.dequantize.output[0]):
-                for i, name in enumerate(user.input):
-                    if name == pair.dequantize.output[0]:
-                        user.input[i] = out_name
-            removed.update(n.output[0] for n in (pair.clip, pair.quantize, pair.dequantize) if n is not None)
-            handled.add(pair.quantize.name)
-        anchor = index.producer[tensor]
-        position = list(graph.node).index(anchor) + 1
-        for offset, node in enumerate(nodes):
-            graph.node.insert(position + offset, node)
+        heads = {(p.clip or p.quantize).output[0] for p in direct}
+        for user in index.users(tensor):  # readers through commuting ops now read the quantized tensor
+            if user.output[0] not in heads:
+                rewire.setdefault(tensor, out_name)
+        for pair in direct:
+            replace(pair, out_name)
+        insertions.append((tensor, nodes))
         summary.integer_convs.append(conv.name)
         summary.reencoded_pairs += len(direct)
 
     for name, pair in pairs.items():
-        if name not in handled:
-            _to_u8_zero_point_128(model, pair, taken, new_inits)
-            summary.reencoded_pairs += 1
+        if name in handled:
+            continue
+        base = pair.quantize.name[: -len("_q")] if pair.quantize.name.endswith("_q") else pair.quantize.name
+        nodes, inits, out_name = _u8_pair(f"{base}_u8", pair.source, pair.scale, pair.qmax, pair.source in nonneg, taken)
+        new_inits += inits
+        replace(pair, out_name)
+        insertions.append((pair.source, nodes))
+        summary.reencoded_pairs += 1
+
+    inserted_outputs = {n.output[0] for _, nodes in insertions for n in nodes}
+    for node in graph.node:
+        if node.output[0] in inserted_outputs:
+            continue
+        for i, name in enumerate(node.input):
+            if name in rewire and not (name in rewire and node.op_type in (QUANTIZE, "Clip") and node.output[0] in removed):
+                node.input[i] = rewire[name]
+    for tensor, nodes in insertions:
+        producer = index.producer.get(tensor)
+        position = 0 if producer is None else _position(graph, producer.output[0]) + 1
+        for offset, node in enumerate(nodes):
+            graph.node.insert(position + offset, node)
     _remove_nodes(graph, removed)
     graph.initializer.extend(new_inits)
+    _expand_weight_codes(model, set(summary.integer_convs))
     _dequantize_float_conv_weights(model, set(summary.float_convs))
     _drop_unused_initializers(model)
     del model.graph.value_info[:]  # types of re-encoded tensors changed (s8 -> u8); shape inference redoes them
     return summary
+
+
+def _position(graph: onnx.GraphProto, output: str) -> int:
+    for position, node in enumerate(graph.node):
+        if output in node.output:
+            return position
+    raise KeyError(output)
+
+
+def code_multiplier(qmax: int) -> int:
+    """The largest power of two k with k * qmax <= 127: b-bit codes times k still fit INT8."""
+    k = 1
+    while 2 * k * qmax <= 127:
+        k *= 2
+    return k
+
+
+def _expand_weight_codes(model: onnx.ModelProto, convs: set[str]) -> None:
+    """Integer convs: codes * k with scale / k (k a power of two, so both are exact and DQ gives the same float).
+
+    ONNX Runtime rounds a conv's float bias to int32 at scale s_in * s_w; a b-bit layer's s_w is coarse, so the
+    bias would move by up to half of a coarse step. With s_w / k the step is k times finer: the same weights,
+    a k-times smaller rounding of the bias. TensorRT keeps its bias in float, so the trt form stores the codes.
+    """
+    index = GraphIndex(model)
+    replaced: dict[str, onnx.TensorProto] = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.name not in convs:
+            continue
+        dq = index.producer[node.input[1]]
+        codes = index.constant(dq.input[0]).astype(np.int32)
+        qmax = int(np.abs(codes).max()) if codes.size else 0
+        bits_qmax = _layer_qmax(dq)
+        k = code_multiplier(max(qmax, bits_qmax, 1))
+        if k == 1 or len(index.users(dq.input[0])) != 1:
+            continue
+        scale = index.constant(dq.input[1]).astype(np.float32)
+        replaced[dq.input[0]] = numpy_helper.from_array((codes * k).astype(np.int8), dq.input[0])
+        replaced[dq.input[1]] = numpy_helper.from_array((scale / np.float32(k)).astype(np.float32), dq.input[1])
+        dq.doc_string += f" (codes x {k}, scale / {k}: a finer int32 bias step in ONNX Runtime)"
+    for position, init in enumerate(model.graph.initializer):
+        if init.name in replaced:
+            model.graph.initializer[position].CopyFrom(replaced[init.name])
+
+
+def _layer_qmax(dq: onnx.NodeProto) -> int:
+    """The layer's code range from the DQ's doc string ("<b>-bit weight codes of ..."), 127 if unknown."""
+    text = dq.doc_string.split("-bit", 1)[0]
+    return 2 ** (int(text) - 1) - 1 if text.isdigit() else 127
 
 
 def _u8_pair(base: str, source: str, scale: float, qmax: int, non_negative: bool, taken: set[str]):
@@ -202,17 +265,6 @@ def _u8_pair(base: str, source: str, scale: float, qmax: int, non_negative: bool
              helper.make_node(DEQUANTIZE, [clipped, names["scale"], names["zero_point"]], [out_name],
                               name=unique_name(f"{base}_dq", taken), doc_string=doc)]
     return nodes, inits, out_name
-
-
-def _to_u8_zero_point_128(model: onnx.ModelProto, pair: ActPair, taken: set[str], new_inits: list) -> None:
-    """s8 zero-point 0 == u8 zero-point 128 code for code; a code clip keeps the narrow range where needed."""
-    name = unique_name(f"{pair.quantize.name}_u8_zero_point", taken)
-    new_inits.append(numpy_helper.from_array(np.array(128, np.uint8), name))
-    pair.quantize.input[2] = name
-    pair.dequantize.input[2] = name
-    if pair.clip is None and pair.qmax < 127:
-        raise ValueError(f"{pair.quantize.name}: sub-8-bit pair without its range clip")
-    # With the float range clip in front (or an 8-bit non-negative tensor) the codes already lie in range.
 
 
 def _dequantize_float_conv_weights(model: onnx.ModelProto, convs: set[str]) -> None:
