@@ -2,10 +2,12 @@
 
 Exports one checkpoint both ways and times the two sessions in one interleaved run (A, B, A, B, ...), so
 load from other processes hits both alike; prints the medians and their ratio (goal: QDQ <= 0.9x FP32).
-Without --checkpoint it uses the demo architecture (ghost-n, 128 px) with random weights and a random 3..8-bit
-plan: latency does not depend on the weight values. Not a test: run it by hand.
+Without --checkpoint it uses the demo recipe's architecture and image size (training/demo.yaml; or --model /
+--img-size) with random weights and a random 3..8-bit plan: latency does not depend on the weight values.
+One ORT thread by default (a shared 2-core machine makes 2-thread timings noise); the ratio is what matters.
+Not a test: run it by hand.
 
-    python benchmarks/ort_cpu_latency.py [--checkpoint CKPT] [--runs 200] [--threads N] [--out DIR]
+    python benchmarks/ort_cpu_latency.py [--checkpoint CKPT | --model ghost-n --img-size 128] [--runs 300] [--threads N]
 """
 from __future__ import annotations
 
@@ -43,8 +45,10 @@ def interleaved(sessions: dict, feed: dict, runs: int, warmup: int = 20) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--model", default=None, help="architecture for the random checkpoint (default: the demo recipe's)")
+    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the demo recipe's)")
+    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0: ORT's default)")
     parser.add_argument("--out", type=Path, default=None, help="keep the exported models here")
     args = parser.parse_args()
 
@@ -55,7 +59,11 @@ def main() -> None:
         folder = args.out or Path(tmp)
         checkpoint = args.checkpoint
         if checkpoint is None:
-            checkpoint = save_sample_checkpoint(folder / "demo-sample.safetensors", "ghost-n", img_size=128)
+            from ghost_deploy.recipe import load_recipe
+
+            demo = load_recipe("demo")
+            model, size = args.model or demo["model"], args.img_size or demo["img_size"]
+            checkpoint = save_sample_checkpoint(folder / "sample.safetensors", model, img_size=size)
         # parity is the export's own business (and tested); here only the graphs matter
         qdq = export_onnx(checkpoint, folder / "qdq-cpu.onnx", target="cpu", parity=False, progress=False)
         fp32 = export_onnx(checkpoint, folder / "fp32.onnx", fp32=True, parity=False, progress=False)
@@ -74,7 +82,8 @@ def main() -> None:
               f"p90 {np.percentile(values, 90):.3f} ({len(values)} runs, batch 1, {size} px)")
     ratio = medians["qdq-cpu"] / medians["fp32"]
     cpu = meta["cpu_form"]
-    print(f"CPU form: {len(cpu['integer_convs'])} integer convs, {len(cpu['float_convs'])} float")
+    print(f"model {meta['checkpoint']}: CPU form has {len(cpu['integer_convs'])} integer convs, "
+          f"{len(cpu['float_convs'])} float; ORT threads {args.threads or 'default'}")
     print(f"for reference, the TensorRT form on ORT: {medians['qdq-trt'] / medians['fp32']:.3f}x FP32 "
           "(no Q after its convs, so ORT runs them in float)")
     print(f"ratio QDQ(cpu) / FP32 = {ratio:.3f} (goal <= 0.9): {'OK' if ratio <= 0.9 else 'NOT MET'}")

@@ -6,6 +6,7 @@ file and the problem; `--debug` shows the traceback).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -15,7 +16,24 @@ from .errors import DEBUG, EXIT_USER, UserError, handle_cli_errors
 _handle_errors = handle_cli_errors  # stage commands (bench, export) import it from here or from errors
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _StageGroup(click.Group):
+    """Loads `export` only when it is named: ghost_deploy.export imports torch, which the other commands skip."""
+
+    lazy = {"export": ("ghost_deploy.export.cli", "export_command")}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx, name):
+        if name in self.lazy and name not in self.commands:
+            import importlib
+
+            module, attribute = self.lazy[name]
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_StageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors (they are one line otherwise).")
 @click.version_option(package_name="ghost-deploy")
 def main(debug: bool) -> None:
@@ -30,6 +48,15 @@ def main(debug: bool) -> None:
       ghost-deploy pipeline                    all of the above on the embedded demo set
     """
     DEBUG["on"] = debug
+    if not debug:
+        previous = warnings.showwarning
+        warnings.showwarning = _warning_line
+        click.get_current_context().call_on_close(lambda: setattr(warnings, "showwarning", previous))
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (e.g. bad samples skipped) as one `warning: ...` line on stderr; --debug keeps Python's format."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def _log(message: str) -> None:
@@ -104,7 +131,7 @@ def build_engine(onnx_path, target, out_dir, parity_set, checkpoint, dla_core, t
     onnx = Path(onnx_path) if onnx_path else _newest(Path("runs/demo/export"), "*.onnx")
     result = build(onnx, target, Path(out_dir) if out_dir else onnx.parent.parent / "engine", require_engine=require_engine,
                    dla_core=list(dla_core) or None, timing_cache=timing_cache, parity_set=parity_set, checkpoint=checkpoint,
-                   opt_level=opt_level, strongly_typed=strongly_typed)
+                   opt_level=opt_level, strongly_typed=strongly_typed, require_export=True)
     if result["status"] == "engine":
         for engine in result["engines"]:
             click.echo(f"engine: {engine['engine']} (receipt {engine['receipt']})")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ghost_deploy.boxes import box_iou, box_iou_np, xywh2xyxy
-from ghost_deploy.postprocess import MAX_NMS, decode_heads_np, non_max_suppression_np  # noqa: F401 (twins)
+from ghost_deploy.postprocess import MAX_NMS, decode_heads_np, greedy_nms_np, non_max_suppression_np  # noqa: F401 (twins)
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -50,15 +50,10 @@ def decode_heads(heads: Sequence[torch.Tensor], detect) -> torch.Tensor:
 
 def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float,
                max_keep: int) -> torch.Tensor:
-    """Indices kept by per-class greedy NMS, highest score first, at most `max_keep` (see greedy_nms_np)."""
-    order = scores.argsort(descending=True, stable=True)
-    keep = []
-    while order.numel() and len(keep) < max_keep:
-        best, rest = order[0], order[1:]
-        keep.append(best)
-        iou = box_iou(boxes[best][None], boxes[rest])[0]
-        order = rest[(iou <= iou_thres) | (classes[rest] != classes[best])]
-    return torch.stack(keep) if keep else order.new_zeros(0)
+    """Indices kept by per-class greedy NMS: the numpy implementation, so both paths agree exactly."""
+    keep = greedy_nms_np(boxes.detach().cpu().float().numpy(), scores.detach().cpu().float().numpy(),
+                         classes.detach().cpu().numpy(), iou_thres, max_keep)
+    return torch.from_numpy(keep).to(boxes.device)
 
 
 @torch.no_grad()

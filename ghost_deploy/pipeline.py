@@ -28,17 +28,22 @@ def run_training(recipe: dict, out: Path, stage: str = "all", data=None, teacher
                                            resume=resume and (out / "teacher" / "train_state.safetensors").exists(),
                                            progress=progress, strict=strict, epochs=epochs, log=log, **ranked)
         teacher = results["teacher"]["best"]
-        log(f"teacher: best mAP50 {results['teacher']['best_fitness']:.4f} -> {teacher}")
+        log(f"teacher: best mAP50 {results['teacher']['best_fitness']:.4f} -> {teacher}{_skipped_note(results['teacher'])}")
     if stage in ("ghost", "all"):
         if teacher is None:
             raise UserError("--teacher", "the ghost stage needs a teacher checkpoint (--teacher CKPT) or --stage all")
         results["ghost"] = train_ghost(recipe, out / "ghost", teacher, data=data, bit_plan_path=bit_plan, device=device,
                                        resume=resume and (out / "ghost" / "train_state.safetensors").exists(),
                                        progress=progress, strict=strict, epochs=epochs, log=log, **ranked)
-        log(f"ghost: best mAP50 {results['ghost']['best_fitness']:.4f} -> {results['ghost']['best']}")
+        log(f"ghost: best mAP50 {results['ghost']['best_fitness']:.4f} -> {results['ghost']['best']}{_skipped_note(results['ghost'])}")
     if world_size > 1:
         _record_ddp_agreement(results, out, rank, log)
     return results
+
+
+def _skipped_note(result: dict) -> str:
+    count = result.get("skipped", 0)
+    return f" (skipped {count} bad sample{'s' if count != 1 else ''}; --strict makes them errors)" if count else ""
 
 
 def _record_ddp_agreement(results: dict, out: Path, rank: int, log) -> None:
@@ -126,12 +131,14 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
         timings[name] = round(time.perf_counter() - started, 1)
         return entry["summary"]
 
-    recipe_key = {k: v for k, v in recipe.items() if k != "recipe_path"}
-    teacher = stage("teacher", _fingerprint("teacher", recipe_key, data), lambda: _train_stage(
+    # Each stage's fingerprint holds only the recipe sections it reads, so editing e.g. the parity budgets
+    # re-runs export and what follows, not training.
+    common = {k: v for k, v in recipe.items() if k not in ("recipe_path", "teacher", "ghost", "parity", "name")}
+    teacher = stage("teacher", _fingerprint("teacher", common, recipe["teacher"], data), lambda: _train_stage(
         train_teacher(recipe, run / "teacher", data=data, progress=progress, log=log)))
-    ghost = stage("ghost", _fingerprint("ghost", recipe_key, Path(teacher["best"])), lambda: _train_stage(
+    ghost = stage("ghost", _fingerprint("ghost", common, recipe["ghost"], Path(teacher["best"])), lambda: _train_stage(
         train_ghost(recipe, run / "ghost", teacher["best"], data=data, progress=progress, log=log)))
-    exports = stage("export", _fingerprint("export", Path(ghost["best"]), Path(teacher["best"])),
+    exports = stage("export", _fingerprint("export", recipe["parity"], Path(ghost["best"]), Path(teacher["best"])),
                     lambda: _export_stage(run / "export", teacher["best"], ghost["best"], log))
     verdicts["export"] = {name: info["verdict"] for name, info in exports["onnx"].items()}
     if not all(info["passed"] for info in exports["onnx"].values()):
@@ -190,7 +197,7 @@ def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log):
 def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):
     from .engines import build
 
-    result = build(onnx_path, target, out, checkpoint=checkpoint, progress=False)
+    result = build(onnx_path, target, out, checkpoint=checkpoint, progress=False, require_export=True)
     if result["status"] == "engine":
         return [e["engine"] for e in result["engines"]], {"status": "engine", "engines": result["engines"]}
     return [result["bundle_dir"]], {"status": "bundle", "reason": result["reason"], "bundle": result["bundle_dir"],

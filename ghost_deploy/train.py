@@ -412,7 +412,6 @@ def train_teacher(recipe: dict, out_dir, data: str | None = None, device: str | 
     """Train the FP32 teacher (with the SR branch when the recipe asks). Returns paths and best metrics."""
     out_dir = Path(out_dir)
     bundle = load_data(recipe, data, strict=strict)
-    _report_skipped(bundle, log)
     seed_everything(recipe["seed"])
     model = build_model(recipe["model"], nc=bundle.spec.nc, input_mode=recipe["input_mode"], sr=recipe["sr"])
     loss_fn = DetectionLoss(model.detect, recipe["hyp"], img_size=recipe["img_size"])
@@ -423,15 +422,13 @@ def train_teacher(recipe: dict, out_dir, data: str | None = None, device: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     result = fit(stage, recipe, bundle, out_dir, dev, resume=resume, progress=progress, epochs=epochs, rank=rank,
                  world_size=world_size, log=log)
-    result["skipped"] = len(getattr(bundle.train, "skipped", [])) + len(getattr(bundle.val, "skipped", []))
+    result["skipped"] = _skipped(bundle)
     return result
 
 
-def _report_skipped(bundle: DataBundle, log) -> None:
-    for split in (bundle.train, bundle.val):
-        skipped = getattr(split, "skipped", [])
-        if skipped:
-            log(f"warning: skipped {len(skipped)} bad samples in {bundle.data_yaml} (first: {skipped[0][0]}: {skipped[0][1]}); --strict makes this an error")
+def _skipped(bundle: DataBundle) -> int:
+    """Bad samples skipped with a warning (the loader warns per sample; --strict makes them errors)."""
+    return len(getattr(bundle.train, "skipped", [])) + len(getattr(bundle.val, "skipped", []))
 
 
 class GhostForward(nn.Module):
@@ -502,7 +499,6 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
     from .quant import calibrate_activations, quantize_model
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     teacher, teacher_meta = model_from_checkpoint(teacher_path, with_sr=False)
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -560,4 +556,5 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
     result = fit(stage, recipe, bundle, out_dir, dev, resume=resume, progress=progress, epochs=epochs, rank=rank,
                  world_size=world_size, log=log)
     result["bit_plan"] = str(plan_file)
+    result["skipped"] = _skipped(bundle)
     return result

@@ -32,7 +32,7 @@ def write_images(folder, count=3, seed=0):
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     checkpoint = save_sample_checkpoint(root / "student.safetensors", img_size=IMG, weight_bits=(3, 8), seed=1,
-                                        parity={"images": 3})
+                                        parity={"images": 2})
     images = write_images(root / "images")
     result = export_onnx(checkpoint, root / "student.onnx", parity_images=images, decode=True, progress=False)
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
@@ -139,13 +139,15 @@ def test_gate_passes_and_parity_set_is_saved(exported):
     assert result.passed and result.parity.passed, result.parity.failures
     for name, stats in result.parity.outputs.items():
         assert stats["min_cosine_per_image"] >= 0.9999, name
+        if name.startswith("head_"):  # the sample model sits on an exact grid: any difference would be a bug
+            assert stats["max_abs_error"] == 0.0, name
     assert set(result.parity.outputs) == {"head_s4", "head_s8", "head_s16", "boxes"}
     assert result.parity.detections is not None
     parity_set = load_parity_set(result.parity_set_path)
     assert parity_set.sha256 == result.report["parity_set_sha256"]
     assert parity_set.meta["onnx_sha256"] == result.report["onnx_sha256"]
-    assert parity_set.inputs["rgb"].shape == (3, 3, IMG, IMG) and parity_set.inputs["ir"].shape == (3, 1, IMG, IMG)
-    assert len(parity_set.meta["image_paths"]) == 3
+    assert parity_set.inputs["rgb"].shape == (2, 3, IMG, IMG) and parity_set.inputs["ir"].shape == (2, 1, IMG, IMG)
+    assert len(parity_set.meta["image_paths"]) == 2
     # the references are the checkpoint model's own outputs on those inputs
     with torch.no_grad():
         heads = exported["model"](torch.from_numpy(parity_set.inputs["rgb"]), torch.from_numpy(parity_set.inputs["ir"]))

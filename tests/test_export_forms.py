@@ -3,8 +3,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
+from ghost_deploy.errors import UserError
 from ghost_deploy.export import export_onnx, load_our_onnx
 from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
 from ghost_deploy.quant.trace import conv_names
@@ -36,17 +37,31 @@ def mixed_checkpoint(root):
                                   parity={"images": 2})
 
 
-def test_cpu_target_passes_the_gate_with_integer_kernels(root, mixed_checkpoint):
+def test_cpu_target_is_a_lossless_reencoding_that_ort_runs_with_integer_kernels(root, mixed_checkpoint):
     result = export_onnx(mixed_checkpoint, root / "mixed.cpu.onnx", target="cpu", parity_images=root / "images",
                          progress=False)
     assert result.passed and result.parity.passed, result.parity.failures
     assert {row["status"] for row in result.layers} == {"bits preserved"}
+    # the same numbers as the TensorRT form, bit for bit, when the graph is run as written
+    trt = export_onnx(mixed_checkpoint, root / "mixed.onnx", parity=False, progress=False)
+    exact = ort.SessionOptions()
+    exact.add_session_config_entry("session.disable_quant_qdq", "1")
+    rng = np.random.default_rng(2)
+    feed = {"rgb": rng.random((2, 3, IMG, IMG), dtype=np.float32), "ir": rng.random((2, 1, IMG, IMG), dtype=np.float32)}
+    for a, b in zip(ort.InferenceSession(str(trt.onnx_path), exact, providers=["CPUExecutionProvider"]).run(None, feed),
+                    ort.InferenceSession(str(result.onnx_path), exact, providers=["CPUExecutionProvider"]).run(None, feed)):
+        np.testing.assert_array_equal(a, b)
+    kernels = result.report["parity"]["ort_integer_kernels"]
+    assert kernels is not None and min(v["min_cosine_per_image"] for v in kernels["outputs"].values()) > 0.9
     cpu = result.report["cpu_form"]
     assert len(cpu["integer_convs"]) > 40 and "model.24.m.0" in cpu["float_convs"]
+    assert any("codes x" in row["container"] for row in result.layers)  # sub-8-bit codes scaled by 2^n
     graph = onnx.load(str(result.onnx_path))
     inits = {i.name: i for i in graph.graph.initializer}
     quantize = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert quantize and all(inits[q.input[2]].data_type == TensorProto.UINT8 for q in quantize)
+    assert all(inits[q.input[2]].int32_data == [0] or numpy_helper.to_array(inits[q.input[2]]) in (0, 128)
+               for q in quantize)
     # ORT really fuses them: QLinearConv in the session's optimized graph
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(root / "optimized.onnx")
@@ -57,8 +72,12 @@ def test_cpu_target_passes_the_gate_with_integer_kernels(root, mixed_checkpoint)
     assert load_our_onnx(result.onnx_path)[1]["target"] == "cpu"
 
 
-def test_fp32_export_matches_the_float_model(root, mixed_checkpoint):
-    result = export_onnx(mixed_checkpoint, root / "mixed.fp32.onnx", fp32=True, parity_images=root / "images",
+def test_fp32_export_of_a_teacher_matches_pytorch(root, mixed_checkpoint):
+    teacher = save_sample_checkpoint(root / "teacher.safetensors", img_size=IMG, weight_bits=None, seed=7,
+                                     parity={"images": 2})
+    with pytest.raises(UserError, match="fp32=True"):
+        export_onnx(teacher, root / "teacher.onnx", parity_images=root / "images", progress=False)
+    result = export_onnx(teacher, root / "teacher.fp32.onnx", fp32=True, parity_images=root / "images",
                          progress=False)
     assert result.passed, result.parity.failures
     for stats in result.parity.outputs.values():
@@ -70,12 +89,17 @@ def test_fp32_export_matches_the_float_model(root, mixed_checkpoint):
     _, meta = load_our_onnx(result.onnx_path)
     assert meta["precision"] == "fp32" and meta["bit_plan"] is None
     assert result.layers == []
+    # a quantized student exports through the same path without its quantizers (no gate: its latent float
+    # weights are not a model anyone trained, so only the graph is checked)
+    student = export_onnx(mixed_checkpoint, root / "mixed.fp32.onnx", fp32=True, parity=False, progress=False)
+    assert not [n for n in onnx.load(str(student.onnx_path)).graph.node if n.op_type == "QuantizeLinear"]
 
 
 def test_int4_storage_is_smaller_and_exact(root):
     """A low-bit plan (<= 4 bits for most weights, 6-bit activations): INT4 file <= 60% of the INT8 one."""
-    model, _ = build_sample_model(img_size=IMG, weight_bits=4, seed=6)
-    names = conv_names(model)
+    from ghost_deploy.model import build_model
+
+    names = conv_names(build_model("ghost-n", nc=5))
     rng = np.random.default_rng(6)
     bits = {name: int(rng.integers(2, 5)) for name in names}
     for name in ("model.0.conv", "model.24.m.0", "model.24.m.1", "model.24.m.2"):
@@ -86,10 +110,10 @@ def test_int4_storage_is_smaller_and_exact(root):
     params = {name: layer.params for name, layer in plan.layers.items()}
     assert sum(params[n] * bits[n] for n in names) / sum(params.values()) <= 5
 
-    int8 = export_onnx(checkpoint, root / "low.onnx", parity_images=root / "images", progress=False)
+    int8 = export_onnx(checkpoint, root / "low.onnx", parity=False, progress=False)  # compared bit for bit below
     int4 = export_onnx(checkpoint, root / "low.int4.onnx", int4_weights=True, parity_images=root / "images",
                        progress=False)
-    assert int8.passed and int4.passed, (int8.parity.failures, int4.parity.failures)
+    assert int8.passed and int4.passed, int4.parity.failures
     assert int4.onnx_path.stat().st_size <= 0.6 * int8.onnx_path.stat().st_size
     graph = onnx.load(str(int4.onnx_path))
     assert next(o.version for o in graph.opset_import if o.domain == "") == 21

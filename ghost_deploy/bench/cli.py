@@ -24,10 +24,10 @@ def _default_data(artifacts: dict) -> str | None:
     return None
 
 
-def _gate(old_path: str, new: dict, max_regression: float, max_map_drop: float) -> None:
-    from ghost_deploy.bench.compare import compare_results, format_comparison, load_result
+def _gate(old_path: str, old: dict, new: dict, max_regression: float, max_map_drop: float) -> None:
+    from ghost_deploy.bench.compare import compare_results, format_comparison
 
-    comparison = compare_results(load_result(old_path), new, max_regression, max_map_drop, old_path=old_path)
+    comparison = compare_results(old, new, max_regression, max_map_drop, old_path=old_path)
     click.echo(f"\ncompared with {old_path}:")
     click.echo(format_comparison(comparison))
     if not comparison["passed"]:
@@ -84,10 +84,11 @@ def bench_command(run_dir, checkpoint, onnx, engine, data, no_accuracy, split, m
     from ghost_deploy.bench.run import artifacts_from_run, normalise_artifacts, run_bench
     from ghost_deploy.bench.timing import WarmupPolicy
 
+    if against and not compare_to:
+        raise UserError("--against", "needs --compare OLD.json")
+    old = load_result(compare_to) if compare_to else None  # a bad --compare file fails before a long run
     if against:
-        if not compare_to:
-            raise UserError("--against", "needs --compare OLD.json")
-        _gate(compare_to, load_result(against), max_regression, max_map_drop)
+        _gate(compare_to, old, load_result(against), max_regression, max_map_drop)
         return
     explicit = {"checkpoints": list(checkpoint), "onnx": list(onnx), "engines": list(engine)}
     if run_dir is None and not any(explicit.values()):
@@ -114,4 +115,4 @@ def bench_command(run_dir, checkpoint, onnx, engine, data, no_accuracy, split, m
     click.echo(f"\nwrote {result['outputs']['json']} and {result['outputs']['report']}"
                + (f" (+{len(result['outputs']) - 2} plots)" if len(result["outputs"]) > 2 else ""))
     if compare_to:
-        _gate(compare_to, result, max_regression, max_map_drop)
+        _gate(compare_to, old, result, max_regression, max_map_drop)

@@ -81,8 +81,25 @@ def resolve_head_spec(artifacts: dict[str, list[str]]) -> HeadSpec:
         spec = head_spec_from_onnx(path)
         if spec is not None:
             return spec
-    raise UserError(None, "cannot tell how to decode the outputs (classes, strides, anchors): pass the checkpoint "
-                    "the ONNX/engine was exported from (--checkpoint)")
+    first = next(iter(artifacts["onnx"] + artifacts["engines"]), None)
+    raise UserError(first, "not a ghost-deploy export (no ghost.* metadata), so its classes, strides and anchors are "
+                    "unknown: pass the checkpoint it was exported from (--checkpoint)")
+
+
+def check_onnx_files(paths: Sequence[str]) -> None:
+    """Each ONNX exists, and one stamped by our exporter still matches its stamp (an edited export is refused).
+
+    A plain ONNX (no ghost.format) is allowed: bench times it, decoding with the checkpoint's parameters.
+    """
+    from ghost_deploy.engines.receipt import read_onnx_metadata
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(path, "ONNX file not found")
+        if read_onnx_metadata(path).get("ghost.format"):
+            from ghost_deploy.export.metadata import load_our_onnx
+
+            load_our_onnx(path)
 
 
 def _check_agreement(spec: HeadSpec, artifacts: dict[str, list[str]]) -> None:
@@ -359,6 +376,7 @@ def run_bench(artifacts: dict, out_dir: str | os.PathLike, data: str | os.PathLi
         raise UserError("--iterations", f"must be at least 1, got {iterations}")
     policy = warmup or WarmupPolicy()
     artifacts = normalise_artifacts(artifacts)
+    check_onnx_files(artifacts["onnx"])
     spec = resolve_head_spec(artifacts)
     _check_agreement(spec, artifacts)
     threads = threads or _default_threads()

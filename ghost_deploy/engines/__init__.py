@@ -17,6 +17,7 @@ from ghost_deploy.engines.receipt import (file_hashes, make_receipt, observe_env
 from ghost_deploy.engines.runners import OrtRunner
 from ghost_deploy.engines.targets import list_targets, load_target, resolve_target
 from ghost_deploy.errors import ParityError, UserError
+from ghost_deploy.io import sha256_file
 from ghost_deploy.parityset import load_parity_set
 
 __all__ = ["build", "default_parity_set_path", "why_no_engine", "run_parity", "run_bundle_parity", "OrtRunner",
@@ -48,6 +49,24 @@ def why_no_engine(profile, environment: dict) -> str | None:
     if not profile.accepts_compute_capability(environment.get("compute_capability")):
         return f"the target needs SM {profile.compute_capability}, this GPU is SM {environment['compute_capability']}"
     return None
+
+
+EXPORT_FORMAT_KEY = "ghost.format"  # every ONNX `export` writes carries it (export/metadata.py)
+
+
+def _onnx_installed() -> bool:
+    # Without the onnx package the metadata cannot be read at all; then only the parity-set pairing is checked.
+    import importlib.util
+
+    return importlib.util.find_spec("onnx") is not None
+
+
+def _check_pairing(onnx_path: Path, parity_set, parity_path: Path) -> None:
+    """The parity set must be the one made for this very ONNX file (export records the ONNX's sha256 in it)."""
+    expected = parity_set.meta.get("onnx_sha256")
+    if expected and expected != sha256_file(onnx_path):
+        raise UserError(onnx_path, f"does not match its parity set {parity_path.name} (sha256 differs from the ONNX "
+                                   "export paired it with): the ONNX was edited after export, or the parity set is another model's")
 
 
 def _dla_cores(dla_core) -> list[int]:
@@ -89,15 +108,21 @@ def _build_and_verify(onnx_path, out_dir, name, profile, parity_set, hashes, bit
 def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=None, timing_cache=None,
           parity_set=None, checkpoint=None, batch=None, opt_level: int = 3, strongly_typed: bool = False,
           trt_world: int | None = None, budgets: dict | None = None, name: str | None = None,
-          environment: dict | None = None, progress: bool = True) -> dict:
+          environment: dict | None = None, progress: bool = True, require_export: bool = False) -> dict:
     """Build verified engine(s) for `target`, or write a deployment bundle when that is impossible here.
 
     Returns {'status': 'engine', 'engines': [...]} or {'status': 'bundle', 'reason', 'bundle_dir',
     'bundle_tar', 'exit_code'} (exit_code 1 when `require_engine`). `environment` defaults to this machine.
+    `require_export` (the CLI sets it) refuses an ONNX that `ghost-deploy export` did not write. Whatever
+    it is, an ONNX whose parity set records another ONNX's sha256 (edited since export) is refused.
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
         raise UserError(onnx_path, "ONNX file not found")
+    metadata = read_onnx_metadata(onnx_path)
+    if require_export and not metadata.get(EXPORT_FORMAT_KEY) and _onnx_installed():
+        raise UserError(onnx_path, "not a ghost-deploy export (no ghost.format metadata): build engines from "
+                                   "the ONNX `ghost-deploy export` wrote")
     profile = resolve_target(target)
     cores = _dla_cores(dla_core)
     if cores and profile.dla_cores and max(cores) >= profile.dla_cores:
@@ -109,7 +134,7 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
         raise UserError(parity_path, "parity set not found (export writes it beside the ONNX; or pass --parity-set)")
     loaded = load_parity_set(parity_path)
     budget = Budgets.from_dict(budgets if budgets is not None else loaded.meta.get("budgets"))
-    metadata = read_onnx_metadata(onnx_path)
+    _check_pairing(onnx_path, loaded, parity_path)
     bit_plan = read_bit_plan(onnx_path, metadata)
     hashes = file_hashes(checkpoint=checkpoint, onnx=onnx_path, parity_set=parity_path)
     if hashes["checkpoint"] is None and metadata.get("ghost.checkpoint_sha256"):

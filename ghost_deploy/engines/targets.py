@@ -111,7 +111,7 @@ def load_target(name_or_path: str | os.PathLike) -> TargetProfile:
     candidate = targets_dir() / f"{text}.yaml"
     if not candidate.is_file():
         known = ", ".join(["jetson", *list_targets()])
-        raise UserError(None, f"unknown target '{text}'; known targets: {known}")
+        raise UserError("--target", f"unknown target '{text}'; known targets: {known}")
     return _parse_profile(candidate)
 
 

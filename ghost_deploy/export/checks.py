@@ -50,9 +50,18 @@ def _codes_of(index: GraphIndex, node: onnx.NodeProto, spec: ConvSpec):
         dtype = index.constant_dtype(producer.input[0])
         codes = index.constant(producer.input[0]).astype(np.int64)
         scale = index.constant(producer.input[1])
-        if scale is None or not np.array_equal(scale.astype(np.float32), spec.weight_scale):
-            return None, onnx.helper.tensor_dtype_to_string(dtype)
-        return codes, {TensorProto.INT8: "INT8", TensorProto.INT4: "INT4"}.get(dtype, str(dtype))
+        container = {TensorProto.INT8: "INT8", TensorProto.INT4: "INT4"}.get(dtype, str(dtype))
+        if scale is None or scale.shape != spec.weight_scale.shape:
+            return None, container
+        scale = scale.astype(np.float32)
+        if np.array_equal(scale, spec.weight_scale):
+            return codes, container
+        # CPU form: codes x k with scale / k, k a power of two (exact in float32), see cpu_form.py
+        multiplier = float(spec.weight_scale[0] / scale[0])
+        k = int(round(multiplier))
+        if k < 2 or k & (k - 1) or not np.array_equal(scale * np.float32(k), spec.weight_scale) or np.any(codes % k):
+            return None, container
+        return codes // k, f"{container} (codes x {k})"
     value = index.constant(weight)
     if value is None:
         return None, "?"

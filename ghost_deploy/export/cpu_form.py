@@ -29,6 +29,8 @@ from onnx import helper, numpy_helper
 from .graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
 from .onnx_qdq import nonnegative_tensors
 
+# Ops a per-tensor symmetric quantizer commutes with exactly (they select or take maxima, and rounding and
+# clamping are monotone): Q(op(x)) == op(Q(x)) for one shared scale. Nearest Resize is checked separately.
 _COMMUTING = ("Concat", "MaxPool", "Identity")
 
 
@@ -53,10 +55,11 @@ class CpuFormSummary:
     integer_convs: list[str] = field(default_factory=list)  # convs that got an output Q (QLinearConv in ORT)
     float_convs: list[str] = field(default_factory=list)  # quantized convs ORT runs in float (weights dequantized)
     reencoded_pairs: int = 0
+    integer_concat_inputs: int = 0  # float tensors quantized before a Concat so the Concat runs on integers
 
     def to_dict(self) -> dict:
         return {"integer_convs": list(self.integer_convs), "float_convs": list(self.float_convs),
-                "reencoded_pairs": self.reencoded_pairs}
+                "reencoded_pairs": self.reencoded_pairs, "integer_concat_inputs": self.integer_concat_inputs}
 
 
 def _activation_pairs(index: GraphIndex) -> dict[str, ActPair]:
@@ -138,6 +141,7 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     for pair in pairs.values():
         by_source.setdefault(pair.source, []).append(pair)
     handled: set[str] = set()
+    quantized_at: set[str] = set()  # tensors that got a new pair
 
     def replace(pair: ActPair, out_name: str) -> None:
         rewire[pair.dequantize.output[0]] = out_name
@@ -163,6 +167,27 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
         insertions.append((tensor, nodes))
         summary.integer_convs.append(conv.name)
         summary.reencoded_pairs += len(direct)
+        quantized_at.add(tensor)
+
+    # Concats whose result is quantized by one quantizer: quantize every input too (the same commuting
+    # argument), so ORT runs QLinearConcat instead of leaving the integer domain around a float Concat.
+    for concat in [n for n in graph.node if n.op_type == "Concat"]:
+        keys = {p.key() for p in (_terminals(index, concat.output[0], by_source) or [])}
+        if len(keys) != 1:
+            continue
+        scale, qmax = next(iter(keys))
+        for tensor in dict.fromkeys(concat.input):
+            producer = index.producer.get(tensor)
+            if tensor in quantized_at or (producer is not None and producer.op_type == DEQUANTIZE):
+                continue
+            if {p.key() for p in (_terminals(index, tensor, by_source) or [])} != keys or by_source.get(tensor):
+                continue
+            nodes, inits, out_name = _u8_pair(f"{_readable(tensor)}.output", tensor, scale, qmax, tensor in nonneg, taken)
+            new_inits += inits
+            rewire.setdefault(tensor, out_name)
+            insertions.append((tensor, nodes))
+            quantized_at.add(tensor)
+            summary.integer_concat_inputs += 1
 
     for name, pair in pairs.items():
         if name in handled:
@@ -174,12 +199,13 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
         insertions.append((pair.source, nodes))
         summary.reencoded_pairs += 1
 
-    inserted_outputs = {n.output[0] for _, nodes in insertions for n in nodes}
-    for node in graph.node:
-        if node.output[0] in inserted_outputs:
+    # readers move to the re-encoded tensors; a new pair's own Q keeps reading the raw tensor it quantizes
+    own_output = {nodes[0].output[0]: nodes[-1].output[0] for _, nodes in insertions}
+    for node in [*graph.node, *(n for _, nodes in insertions for n in nodes)]:
+        if node.output[0] in removed:
             continue
         for i, name in enumerate(node.input):
-            if name in rewire and not (name in rewire and node.op_type in (QUANTIZE, "Clip") and node.output[0] in removed):
+            if name in rewire and rewire[name] != own_output.get(node.output[0]):
                 node.input[i] = rewire[name]
     for tensor, nodes in insertions:
         producer = index.producer.get(tensor)
@@ -193,6 +219,13 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     _drop_unused_initializers(model)
     del model.graph.value_info[:]  # types of re-encoded tensors changed (s8 -> u8); shape inference redoes them
     return summary
+
+
+def _readable(tensor: str) -> str:
+    """'/detector/model.2/m/m.0/Add_output_0' -> 'model.2.m.m.0.Add'."""
+    name = tensor.lstrip("/").replace("/", ".")
+    name = name[len("detector."):] if name.startswith("detector.") else name
+    return name[: -len("_output_0")] if name.endswith("_output_0") else name
 
 
 def _position(graph: onnx.GraphProto, output: str) -> int:
@@ -224,9 +257,7 @@ def _expand_weight_codes(model: onnx.ModelProto, convs: set[str]) -> None:
             continue
         dq = index.producer[node.input[1]]
         codes = index.constant(dq.input[0]).astype(np.int32)
-        qmax = int(np.abs(codes).max()) if codes.size else 0
-        bits_qmax = _layer_qmax(dq)
-        k = code_multiplier(max(qmax, bits_qmax, 1))
+        k = code_multiplier(max(int(np.abs(codes).max()) if codes.size else 0, 1))
         if k == 1 or len(index.users(dq.input[0])) != 1:
             continue
         scale = index.constant(dq.input[1]).astype(np.float32)
@@ -236,12 +267,6 @@ def _expand_weight_codes(model: onnx.ModelProto, convs: set[str]) -> None:
     for position, init in enumerate(model.graph.initializer):
         if init.name in replaced:
             model.graph.initializer[position].CopyFrom(replaced[init.name])
-
-
-def _layer_qmax(dq: onnx.NodeProto) -> int:
-    """The layer's code range from the DQ's doc string ("<b>-bit weight codes of ..."), 127 if unknown."""
-    text = dq.doc_string.split("-bit", 1)[0]
-    return 2 ** (int(text) - 1) - 1 if text.isdigit() else 127
 
 
 def _u8_pair(base: str, source: str, scale: float, qmax: int, non_negative: bool, taken: set[str]):

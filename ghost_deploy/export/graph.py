@@ -13,9 +13,6 @@ from onnx import numpy_helper
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
 QDQ_OPS = (QUANTIZE, DEQUANTIZE)
-# Ops through which a per-tensor symmetric quantizer commutes exactly (they select, reorder or take the max
-# of values; rounding and clamping are monotone), so Q(op(x)) == op(Q(x)) for one shared scale.
-COMMUTING_OPS = ("Concat", "MaxPool", "Resize", "Upsample", "Identity", "Reshape", "Flatten", "Transpose")
 
 
 class GraphIndex:

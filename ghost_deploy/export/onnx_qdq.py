@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
-from .graph import COMMUTING_OPS, DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
+from .graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
 from .torch_graph import MARKER_DOMAIN, MARKER_OP, WRAPPER_PREFIX, ActSpec, ConvSpec
 
 INT4_MAX_BITS = 4
@@ -283,4 +283,4 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 __all__ = ["write_qdq", "store_int4_weights", "nonnegative_tensors", "qdq_counts", "readable_node_names", "upgrade_opset", "pack_int4",
-           "int_initializer", "act_qdq_nodes", "COMMUTING_OPS"]
+           "int_initializer", "act_qdq_nodes", "name_conv_nodes"]

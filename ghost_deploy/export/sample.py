@@ -24,29 +24,51 @@ def randomize_batchnorm(model: nn.Module, img_size: int = 64, seed: int = 0) -> 
     running statistics measured on random images (as training would leave them), so folding is non-trivial and
     activations neither vanish nor explode through the random network."""
     generator = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
-        for module in norms:
-            size = module.num_features
-            gamma = torch.rand(size, generator=generator) * 1.2 + 0.4
-            gamma[0] = -gamma[0]
-            if size > 2:
-                gamma[1] = 0.0
-            module.weight.copy_(gamma)
-            module.bias.copy_(torch.randn(size, generator=generator) * 0.3 + 0.2)
-        momentum = {m: m.momentum for m in norms}
-        for module in norms:
-            module.momentum = 1.0  # running stats := this batch's stats
-        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                size = module.num_features
+                gamma = torch.rand(size, generator=generator) * 1.2 + 0.4
+                gamma[0] = -gamma[0]
+                if size > 2:
+                    gamma[1] = 0.0
+                module.weight.copy_(gamma)
+                module.bias.copy_(torch.randn(size, generator=generator) * 0.3 + 0.2)
+    measure_batchnorm(model, img_size, generator)
+
+
+@torch.no_grad()
+def measure_batchnorm(model: nn.Module, img_size: int, generator) -> None:
+    """Running statistics := the statistics of one batch of random images (with the weights as they are now,
+    quantized or not; activation quantizers pass values through meanwhile)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    quantizers = list(getattr(model, "act_quantizers", {}).values())
+    momentum = {m: m.momentum for m in norms}
+    for module in norms:
+        module.momentum = 1.0
+    for quantizer in quantizers:
+        quantizer.observing = True
+    model.train()
+    try:
         model(*example_inputs_like(model, img_size, 4, generator))
+    finally:
         for module in norms:
             module.momentum = momentum[module]
-    model.eval()
+        for quantizer in quantizers:
+            quantizer.observing = False
+            quantizer._reset_observation()
+        model.eval()
 
 
 def build_sample_model(model_name: str = "ghost-n", nc: int = 5, input_mode: str = "rgb+ir", img_size: int = 64,
-                       weight_bits=(3, 8), act_bits: int = 8, seed: int = 0, float_layers=(), calib_batches: int = 2):
-    """(quantized model, bit plan). `weight_bits`: (low, high) for a random plan, an int, or {layer: bits}."""
+                       weight_bits=(3, 8), act_bits: int = 8, seed: int = 0, float_layers=(), calib_batches: int = 2,
+                       exact_grid: bool = True):
+    """(quantized model, bit plan). `weight_bits`: (low, high) for a random plan, an int, {layer: bits}, or
+    None for a float teacher (plan None).
+
+    `exact_grid` snaps the model onto power-of-two grids (see `snap_to_exact_grid`), so any two correct
+    backends compute it bit for bit whatever their summation order.
+    """
     from ..model import build_model
     from ..quant import calibrate_activations, plan_from_bits, quantize_model
     from ..quant.trace import conv_names, example_inputs
@@ -54,6 +76,8 @@ def build_sample_model(model_name: str = "ghost-n", nc: int = 5, input_mode: str
     torch.manual_seed(seed)
     model = build_model(model_name, nc=nc, input_mode=input_mode).eval()
     randomize_batchnorm(model, img_size, seed)
+    if weight_bits is None:  # an FP32 teacher
+        return model, None
     names = conv_names(model)
     if isinstance(weight_bits, tuple):
         bits = random_bits(names, weight_bits[0], weight_bits[1], seed)
@@ -64,11 +88,57 @@ def build_sample_model(model_name: str = "ghost-n", nc: int = 5, input_mode: str
     for name in float_layers:
         bits[name] = None
     plan = plan_from_bits(model, bits, act_bits=act_bits, image_size=img_size, method="edited")
-    model = quantize_model(model, plan, example_inputs=example_inputs(model, img_size))
+    # max-based scales: fast, and snapping to powers of two below still leaves some values saturating
+    model = quantize_model(model, plan, example_inputs=example_inputs(model, img_size), scale_init="max")
     generator = torch.Generator().manual_seed(seed + 1)
+    measure_batchnorm(model, img_size, generator)  # as QAT would leave them: statistics of the quantized weights
     batches = [example_inputs_like(model, img_size, 2, generator) for _ in range(calib_batches)]
-    calibrate_activations(model, batches)
+    calibrate_activations(model, batches, method="max")
+    if exact_grid:
+        snap_to_exact_grid(model)
     return model.eval(), plan
+
+
+def _power_of_two(values: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.round(torch.log2(values.abs().clamp_min(1e-30))))
+
+
+@torch.no_grad()
+def snap_to_exact_grid(model: nn.Module) -> None:
+    """Make every intermediate value exactly representable in float32, so parity must be exact.
+
+    A quantized network amplifies rounding noise: float32 convs summed in a different order (PyTorch vs ONNX
+    Runtime vs TensorRT) flip an activation code now and then, and the flips spread. On this grid they cannot
+    happen: activation and weight scales are powers of two, each BN's gamma / sigma is +-2^e (so folding keeps
+    the grid), and BN means, betas and conv biases are integer multiples of the conv's accumulator step
+    s_in * s_w. Products of codes are then exact and so are their sums (well below 2^24 steps), in any order.
+    A non-zero parity error on such a model is a bug, not noise.
+    """
+    from ..quant import quant_layers
+
+    for quantizer in getattr(model, "act_quantizers", {}).values():
+        quantizer.scale.copy_(_power_of_two(quantizer.scale))
+    for name, conv in quant_layers(model):
+        if conv.weight_quantizer is not None:
+            conv.weight_quantizer.scale.copy_(_power_of_two(conv.weight_quantizer.scale))
+        if conv.input_quantizer is None or conv.weight_quantizer is None:
+            continue
+        step = conv.input_quantizer.scale * conv.weight_quantizer.scale  # (out,) accumulator step, a power of two
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        bn = getattr(parent, "bn", None)
+        if attr == "conv" and isinstance(bn, nn.BatchNorm2d):
+            sigma = _power_of_two(torch.sqrt(bn.running_var + bn.eps))
+            bn.running_var.copy_(sigma * sigma - bn.eps)
+            sigma = torch.sqrt(bn.running_var + bn.eps)  # what BN will compute, exactly a power of two or not
+            factor = torch.where(bn.weight == 0, 0.0, torch.sign(bn.weight) * _power_of_two(bn.weight / sigma))
+            bn.weight.copy_(factor * sigma)
+            bn.running_mean.copy_(torch.round(bn.running_mean / step) * step)
+            out_step = step * factor.abs().clamp_min(1e-30)
+            bn.bias.copy_(torch.where(factor == 0, torch.round(bn.bias / step) * step,
+                                      torch.round(bn.bias / out_step) * out_step))
+        elif conv.bias is not None:
+            conv.bias.copy_(torch.round(conv.bias / step) * step)
 
 
 def example_inputs_like(model, img_size: int, batch: int, generator) -> tuple[torch.Tensor, ...]:
@@ -86,7 +156,7 @@ def save_sample_checkpoint(path: str | os.PathLike, model_name: str = "ghost-n",
     from ..checkpoint import save_checkpoint
     from ..recipe import DEFAULTS
 
-    if model is None:
+    if model is None:  # weight_bits=None: an FP32 teacher checkpoint
         model, plan = build_sample_model(model_name, nc, img_size=img_size, weight_bits=weight_bits,
                                          act_bits=act_bits, seed=seed, float_layers=float_layers)
     recipe = {**DEFAULTS, "name": "sample", "model": model_name, "img_size": img_size, "data": None}

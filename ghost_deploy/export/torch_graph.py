@@ -156,11 +156,13 @@ def conv_specs(model: nn.Module) -> tuple[dict[str, ConvSpec], dict[str, ActSpec
     Returns the specs and the folded model, whose quantized weights are already codes * scale.
     """
     from ..quant import QuantConv2d, act_quantizers, fold_bn
+    from ..quant.quantizers import MIN_SCALE
 
     trained = {name: module for name, module in model.named_modules() if isinstance(module, (QuantConv2d, nn.Conv2d))}
     folded = fold_bn(model)
     quantizer_keys = {id(q): key for key, q in act_quantizers(folded).items()}
-    acts = {key: ActSpec(key, int(q.bits), float(q.scale.detach().clamp_min(1e-8))) for key, q in act_quantizers(folded).items()}
+    acts = {key: ActSpec(key, int(q.bits), float(q.scale.detach().clamp_min(MIN_SCALE)))
+            for key, q in act_quantizers(folded).items()}
     convs: dict[str, ConvSpec] = {}
     for name, module in folded.named_modules():
         if name.startswith("sr.") or not isinstance(module, (QuantConv2d, nn.Conv2d)):
