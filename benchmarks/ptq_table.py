@@ -38,7 +38,8 @@ def export_verdict(checkpoint: Path, onnx_path: Path, fp32: bool) -> dict:
     outputs = (report["parity"]["report"] or {}).get("outputs") or {}
     cosines = [stats.get("min_cosine_per_image") for stats in outputs.values()]
     return {"parity": "PASSED", "parity_detail": "", "onnx": str(result.onnx_path),
-            "onnx_mb": report["onnx_bytes"] / 1e6, "parity_images": _source(report), "min_cosine": min([c for c in cosines if c is not None], default=None)}
+            "onnx_mb": report["onnx_bytes"] / 1e6, "parity_images": _source(report),
+            "min_cosine": min([c for c in cosines if c is not None], default=None)}
 
 
 def _source(report: dict) -> str:
@@ -110,7 +111,8 @@ def format_table(table: dict) -> str:
              f"ONNX MB | parity |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['row']} | {row['mAP50']:.4f} | {row['mAP50_95']:.4f} | "
-                     f"{100 * row['mAP50'] / teacher:.1f}% | {row['avg_weight_bits']:.2f} | {row['size_mb']:.3f} | {row['onnx_mb']:.2f} | {row['parity']} |")
+                     f"{100 * row['mAP50'] / teacher:.1f}% | {row['avg_weight_bits']:.2f} | {row['size_mb']:.3f} | "
+                     f"{row['onnx_mb']:.2f} | {row['parity']} |")
     lines.append("")
     calibrators = ", ".join(table["calibrators"])
     lines.append(f"PTQ: weights per channel ({table['weight_method']}), activations per tensor ({calibrators}), "

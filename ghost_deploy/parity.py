@@ -194,6 +194,9 @@ class OrtGraphRunner:
 
         self.path = Path(onnx_path)
         options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # no busy-waiting worker threads: on a shared 2-core machine they fight the other processes
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if exact:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         if threads:

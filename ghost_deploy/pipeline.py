@@ -146,7 +146,7 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
     engine = stage("engine", _fingerprint("engine", Path(exports["onnx"]["ghost"]["path"]), target),
                    lambda: _engine_stage(run / "engine", exports["onnx"]["ghost"]["path"], ghost["best"], target))
     bench = stage("bench", _fingerprint("bench", *(Path(i["path"]) for i in exports["onnx"].values()), bench_iterations),
-                  lambda: _bench_stage(run, bench_iterations, progress, log))
+                  lambda: _bench_stage(run, ghost["best"], bench_iterations, progress, log))
     summary = {"run": str(run), "teacher": teacher, "ghost": ghost, "export": exports, "engine": engine, "bench": bench,
                "seconds": timings}
     log(format_summary(summary))
@@ -204,11 +204,14 @@ def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):
                                     "bundle_tar": result.get("bundle_tar")}
 
 
-def _bench_stage(run: Path, iterations: int, progress: bool, log):
+def _bench_stage(run: Path, checkpoint: str, iterations: int, progress: bool, log):
     from .bench import run_bench
     from .bench.run import artifacts_from_run
+    from .checkpoint import read_meta
 
-    result = run_bench(artifacts_from_run(run), run / "bench", iterations=iterations, progress=progress, log=log)
+    # mAP on the val split of the dataset the checkpoint was trained on (recorded in the checkpoint)
+    result = run_bench(artifacts_from_run(run), run / "bench", data=read_meta(checkpoint)["data"], iterations=iterations,
+                       progress=progress, log=log)
     rows = {}
     for backend in result.get("backends", []):
         batch1 = next((row for row in backend.get("latency") or [] if row["batch"] == 1 and "infer" in row), None)

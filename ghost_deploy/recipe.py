@@ -43,7 +43,7 @@ DEFAULTS: dict = {
         "warmup_epochs": 1.0, "warmup_momentum": 0.8, "warmup_bias_lr": 0.0,
         "ema_decay": 0.9999, "ema_tau": 500, "close_mosaic": 0,
         "plan": {"method": "hq", "threshold": 0.1, "bit_min": 2, "bit_max": 8, "act_bits": 8},
-        "calib_batches": 8,
+        "calib_batches": 8, "learn_act_scales": False,
         "distill": {"enabled": True, "switch": True, "ost_weight": 400.0, "switch_weight": 1.0, "qk_dim": 128,
                     "tau": 1.0, "open_bounds": [0.1, 0.9], "layer_norm": "paper"},
     },

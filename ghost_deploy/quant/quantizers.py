@@ -132,6 +132,23 @@ class WeightQuantizer(nn.Module):
         return f"out_channels={self.scale.numel()}, bits={self.bits}"
 
 
+class _FixedScaleFakeQuant(torch.autograd.Function):
+    """torch.fake_quantize_per_tensor_affine's numbers (x * (1/s), round half to even, clamp, times s) and its
+    straight-through backward, from plain vectorised ops: ~4x faster on CPU than the fused kernel."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax):
+        codes = (x * scale.reciprocal()).round_()
+        in_range = (codes >= qmin) & (codes <= qmax)
+        ctx.save_for_backward(in_range)
+        return codes.clamp_(qmin, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (in_range,) = ctx.saved_tensors
+        return grad * in_range, None, None, None
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor symmetric signed b-bit activation quantizer, zero-point 0, learned (LSQ) scale.
 
@@ -159,15 +176,22 @@ class ActQuantizer(nn.Module):
         if self.observing:
             self._observe(x)
             return x
+        frozen = not self.scale.requires_grad  # a calibrated scale kept fixed in QAT: no LSQ gradient to compute
+        if self.training and frozen:
+            return _FixedScaleFakeQuant.apply(x.float(), self.scale.detach().clamp_min(MIN_SCALE), self.qmin, self.qmax).to(x.dtype)
         if not self.training and x.dtype == torch.float32:
-            # The public fake-quant op: the same numbers, and it exports as QuantizeLinear/DequantizeLinear.
+            # The public fake-quant op: the same numbers, STE backward, and it exports as QuantizeLinear/DequantizeLinear.
             zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
             scale = self.scale.detach().clamp_min(MIN_SCALE)
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.qmin, self.qmax)
         factor = 1.0 / math.sqrt(x[0].numel() * self.qmax)
-        scale = grad_scale(self.scale.clamp_min(MIN_SCALE), factor)
+        # PyTorch's fused LSQ op: the same values as fake_quantize(), STE for x, LSQ's scale gradient times
+        # `factor`, in one kernel (composing the elementwise ops made a QAT step ~1.8x a float step).
         # In float32 even under autocast: x / s reaches 127, where fp16 cannot tell codes apart.
-        return fake_quantize(x.float(), scale.float(), self.qmin, self.qmax).to(x.dtype)
+        scale = self.scale.clamp_min(MIN_SCALE).float().reshape(1)
+        zero_point = torch.zeros(1, dtype=torch.float32, device=x.device)
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x.float(), scale, zero_point, self.qmin, self.qmax, factor).to(x.dtype)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
