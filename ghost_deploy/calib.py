@@ -71,7 +71,7 @@ class CalibSet:
         """The DatasetSpec of the dataset the set was drawn from."""
         from .data import load_dataset_yaml
 
-        return load_dataset_yaml(_resolve_data(self.data, self.path))
+        return load_dataset_yaml(_resolve_data(self.data))
 
 
 # ------------------------------------------------------------------------------------------- making
@@ -89,9 +89,9 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
     if isinstance(brightness_bins, bool) or not isinstance(brightness_bins, int) or brightness_bins < 1:
         raise UserError("--brightness-bins", f"must be a positive integer, got {brightness_bins!r}")
     data_key = EMBEDDED if str(data_yaml) == EMBEDDED else str(Path(data_yaml).absolute())
-    spec = load_dataset_yaml(_resolve_data(data_key, None))
+    spec = load_dataset_yaml(_resolve_data(data_key))
     dataset = Dataset(spec, split, 64, augment=False)  # img_size is unused: only the index is read
-    samples = sorted(dataset.samples, key=lambda sample: sample.key)
+    samples = sorted(dataset.samples, key=lambda sample: (sample.key, str(sample.label_path)))
     name = name or f"{_dataset_name(data_key, spec)}-{split}-{n}"
     if not _NAME.match(name):
         raise UserError("--name", f"{name!r}: use letters, digits, '.', '_' and '-' (it becomes a file name)")
@@ -104,17 +104,30 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
     bins = {modality: np.searchsorted(edges[modality], brightness[modality], side="right")
             for modality in spec.modalities}
     cells = [(strata_class[i], *(int(bins[m][i]) for m in spec.modalities)) for i in range(len(samples))]
-    chosen = _choose(samples, cells, spec.nc, min(n, len(samples)), seed)
+    chosen = _choose(samples, cells, min(n, len(samples)), seed)
 
     manifest = _manifest(spec, data_key, dataset, samples, chosen, cells, brightness, edges, n, seed, name, split,
                          brightness_bins, class_images)
     text = _dump(manifest)
     out = Path(out_dir) / f"{name}.yaml"
-    if out.exists() and not force and out.read_text(encoding="utf-8") != text:
+    if out.exists() and not force:
+        if _same_set(out, manifest):
+            return out  # the very same set (perhaps written by another version): keep the file and its hash
         raise UserError(out, "a different calibration set has this name; choose another --name or pass --force")
     write_text_atomic(out, text)
     out.chmod(0o666 & ~_umask())  # a manifest is meant to be shared and committed, unlike a temp file's 0600
     return out
+
+
+def _same_set(path: Path, manifest: dict) -> bool:
+    try:
+        existing = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not isinstance(existing, dict):
+        return False
+    ignore = ("made_by",)
+    return {k: v for k, v in existing.items() if k not in ignore} == {k: v for k, v in manifest.items() if k not in ignore}
 
 
 def _umask() -> int:
@@ -123,7 +136,7 @@ def _umask() -> int:
     return current
 
 
-def _choose(samples, cells, nc: int, n: int, seed: int) -> list[int]:
+def _choose(samples, cells, n: int, seed: int) -> list[int]:
     """Indices of the chosen samples: first one image per class present (rarest classes first), then the
     rest spread over the cells in proportion to their size (largest remainders), deterministic from `seed`."""
     rng = np.random.default_rng(seed)
@@ -311,7 +324,7 @@ def _dump(manifest: dict) -> str:
     return header + yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True, width=120, default_flow_style=None)
 
 
-def _resolve_data(data_key: str, manifest: Path | None) -> Path:
+def _resolve_data(data_key: str) -> Path:
     if data_key == EMBEDDED:
         from .data import ensure_synthetic_dataset
 
@@ -360,7 +373,7 @@ def _root_for(data: dict, manifest: Path, override) -> Path:
     if override is not None:
         return Path(override)
     if data["root"] == EMBEDDED:
-        return _resolve_data(EMBEDDED, manifest).parent
+        return _resolve_data(EMBEDDED).parent
     return Path(str(data["root"]))
 
 
@@ -522,7 +535,7 @@ def tensor_absmax(model, batches) -> dict[str, float]:
     try:
         with torch.no_grad():
             for batch in batches:
-                model(*_inputs(batch, model))
+                model(*as_model_inputs(batch, model))
     finally:
         for handle in handles:
             handle.remove()
@@ -533,7 +546,7 @@ def tensor_absmax(model, batches) -> dict[str, float]:
     return maxima
 
 
-def _inputs(batch, model):
+def as_model_inputs(batch, model):
     device = next(model.parameters()).device
     if isinstance(batch, dict):
         batch = tuple(batch[name] for name in model.input_names)
@@ -544,10 +557,10 @@ def _inputs(batch, model):
 
 def format_coverage(coverage: dict, on_set: dict | None = None, on_split: dict | None = None, low: float = 0.9) -> str:
     width = max([len(name) for name in coverage] + [6])
-    lines = [f"{'tensor':<{width}}  coverage" + ("  set max  split max" if on_set is not None else "")]
+    lines = [f"{'tensor':<{width}}  coverage" + ("    set max  split max" if on_set is not None else "")]
     for name, value in coverage.items():
         flag = "  <- low" if value < low else ""
-        extra = f"  {on_set.get(name, 0.0):>7.3g}  {on_split[name]:>9.3g}" if on_set is not None else ""
+        extra = f"  {on_set.get(name, 0.0):>9.3g}  {on_split[name]:>9.3g}" if on_set is not None else ""
         lines.append(f"{name:<{width}}  {value:8.3f}{extra}{flag}")
     values = list(coverage.values())
     if values:
@@ -618,5 +631,4 @@ def coverage_command(weights, manifest, split, batch_size, low, json_out):
 
 __all__ = ["CalibPair", "CalibSet", "CalibBatches", "make_calib_set", "load_calib_set", "calib_batches",
            "load_pair_arrays", "parity_inputs_from_manifest", "range_coverage", "coverage_ratios", "tensor_absmax",
-           "format_coverage",
-           "calib_group"]
+           "as_model_inputs", "format_coverage", "calib_group"]

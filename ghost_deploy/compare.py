@@ -132,7 +132,10 @@ def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
     area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
     union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    # Degenerate (zero-area) boxes have no overlap to measure; identical ones are still the same box.
+    identical = (a[:, None, :] == b[None, :, :]).all(axis=2)
+    return np.where(identical, 1.0, iou)
 
 
 def match_detections(reference: np.ndarray, candidate: np.ndarray, budgets: Budgets) -> dict:

@@ -151,10 +151,10 @@ def collect_histograms(model, batches, bins: int = ENTROPY_BINS) -> dict[str, tu
     for quantizer in quantizers.values():
         quantizer.observing = True  # pass-through
     try:
-        from .calib import _inputs
+        from .calib import as_model_inputs
 
         for batch in batches:
-            model(*_inputs(batch, model))
+            model(*as_model_inputs(batch, model))
     finally:
         for handle in handles:
             handle.remove()

@@ -18,6 +18,16 @@ from ghost_deploy.train import model_from_checkpoint
 IMG = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while this module runs: on a shared 2-core machine OpenMP's spinning threads
+    otherwise fight the other processes and a 10 s module takes a minute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def write_images(folder, count=3, seed=0):
     """RGB + IR pairs in VEDAI naming, not square (the parity loader letterboxes them)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -201,3 +211,13 @@ def test_bad_options_are_user_errors(exported, tmp_path):
     with pytest.raises(UserError, match="no such checkpoint"):
         export_onnx(tmp_path / "missing.safetensors", tmp_path / "x.onnx", progress=False)
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_cli_default_output_names(tmp_path):
+    from ghost_deploy.export.cli import default_out_path
+
+    checkpoint = tmp_path / "best.safetensors"
+    assert default_out_path(checkpoint, False, False, "trt") == tmp_path / "best.onnx"
+    assert default_out_path(checkpoint, False, True, "trt") == tmp_path / "best.int4.onnx"
+    assert default_out_path(checkpoint, False, False, "cpu") == tmp_path / "best.cpu.onnx"
+    assert default_out_path(checkpoint, True, False, "trt") == tmp_path / "best.fp32.onnx"

@@ -3,6 +3,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, numpy_helper
 
 from ghost_deploy.errors import UserError
@@ -11,6 +12,16 @@ from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoin
 from ghost_deploy.quant.trace import conv_names
 
 IMG = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while this module runs: on a shared 2-core machine OpenMP's spinning threads
+    otherwise fight the other processes and a 10 s module takes a minute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def write_images(folder, count=2, seed=5):

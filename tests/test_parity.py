@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -16,6 +17,16 @@ from ghost_deploy.parity import budgets_from_recipe, images_from_folder, localis
 from ghost_deploy.train import model_from_checkpoint
 
 IMG = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while this module runs: on a shared 2-core machine OpenMP's spinning threads
+    otherwise fight the other processes and a 10 s module takes a minute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 VEDAI_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "vedai-real" / "VEDAI" / "images"
 if not VEDAI_IMAGES.is_dir():
     VEDAI_IMAGES = Path("/work/shared/data/vedai-real/VEDAI/images")

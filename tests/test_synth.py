@@ -96,7 +96,7 @@ def test_default_root_honours_cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("GHOST_DEPLOY_CACHE", str(tmp_path / "cache"))
     yaml_path = synth.ensure_synthetic_dataset(seed=5, **SMALL)
     assert yaml_path.parent.parent == tmp_path / "cache"
-    assert yaml_path.parent.name.startswith("synth-v1-seed5")
+    assert yaml_path.parent.name.startswith("synth-v2-seed5")
 
 
 def test_car_running_is_drawn_like_car_in_rgb_and_hot_in_ir():

@@ -25,7 +25,7 @@ from ..errors import UserError
 from .augment import downsample2x
 from .labels import format_label_rows
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2  # v2: a running car is warm all over, not only over its engine block
 CLASS_NAMES = ("car", "car_running", "truck", "van", "boat")
 IR_ONLY_CLASSES = ("car_running",)          # tells apart from its RGB twin only in IR
 RGB_TWINS = {"car_running": "car"}          # drawn in RGB exactly as this class
@@ -455,8 +455,9 @@ def draw_vehicle(canvas, looks_like: str, centre, angle: float, geometry: dict, 
             glass = rect(u0 * length, u1 * length, -0.42 * width, 0.42 * width)
             window.paint_rgb(glass, GLASS)
             window.paint_ir(glass, 0.24)
-        if running:  # hot engine block under the hood, with a warm rim
-            window.paint_ir(rect(0.26 * length, 0.5 * length, -0.45 * width, 0.45 * width), 0.8)
+        if running:  # a car that has been driven is warm all over, with a hot engine block under the hood
+            window.paint_ir(rect(-0.38 * length, 0.5 * length, -0.45 * width, 0.45 * width), 0.72)
+            window.paint_ir(rect(0.26 * length, 0.5 * length, -0.45 * width, 0.45 * width), 0.85)
             window.paint_ir(rect(0.3 * length, 0.47 * length, -0.36 * width, 0.36 * width), look["engine_heat"])
     elif looks_like == "van":
         window.paint_rgb(rect(-half_l, half_l, -half_w, half_w), colour)

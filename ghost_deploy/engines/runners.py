@@ -23,6 +23,8 @@ class OrtRunner:
         if not self.path.is_file():
             raise UserError(self.path, "ONNX file not found")
         options = ort.SessionOptions()
+        # Run the Q/DQ graph as written (as TensorRT does): ORT's QDQ fusions round float biases to int32.
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
         if threads:
             options.intra_op_num_threads = threads
         try:
