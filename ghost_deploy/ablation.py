@@ -1,7 +1,8 @@
 """The GHOST ablation: one teacher, one seed, each ingredient added in turn, scored on the test split.
 
 Rows: FP32 teacher; uniform 8-bit QAT; uniform 4-bit QAT without distillation; HQ plan without
-distillation; HQ + GQSD (every layer distilled, no switch); HQ + GQSD + OST/SCM (the full method).
+distillation; HQ + GQSD (every layer distilled, no switch); HQ + GQSD + OST/SCM (the full method); and the
+post-training baselines from the same teacher: INT8 PTQ and PTQ at the GHOST bit plan.
 """
 from __future__ import annotations
 
@@ -57,8 +58,25 @@ def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: in
                              epochs=epochs, progress=progress, log=lambda *_: None)
         rows.append({"row": name, **score_checkpoint(result["best"], recipe, split)})
         log(_format_row(rows[-1]))
+    rows += ptq_rows(recipe, out, teacher, ghost_checkpoint=result["best"], split=split, log=log)
     write_json_atomic(out / "ablation.json", rows)
     (out / "ablation.md").write_text(format_table(rows, split))
+    return rows
+
+
+def ptq_rows(recipe: dict, out: Path, teacher: str, ghost_checkpoint: str, split: str, log=print) -> list[dict]:
+    """The post-training baselines from the same teacher: INT8 PTQ, and PTQ at the GHOST run's bit plan."""
+    from .checkpoint import read_meta
+    from .calib import make_calib_set
+    from .ptq import ptq_checkpoint
+
+    manifest = make_calib_set(read_meta(teacher)["data"], 256, split="train", out_dir=out / "calib", force=True)
+    rows = []
+    for name, plan in (("PTQ INT8 (MSE calibration)", None), ("PTQ at the GHOST plan", ghost_checkpoint)):
+        tag = "ptq-int8" if plan is None else "ptq-ghost-plan"
+        path = ptq_checkpoint(teacher, out / f"{tag}.safetensors", manifest, plan=plan)
+        rows.append({"row": name, **score_checkpoint(path, recipe, split)})
+        log(_format_row(rows[-1]))
     return rows
 
 

@@ -19,7 +19,7 @@ _handle_errors = handle_cli_errors  # stage commands (bench, export) import it f
 class _StageGroup(click.Group):
     """Loads `export` only when it is named: ghost_deploy.export imports torch, which the other commands skip."""
 
-    lazy = {"export": ("ghost_deploy.export.cli", "export_command")}
+    lazy = {"export": ("ghost_deploy.export.cli", "export_command"), "calib": ("ghost_deploy.calib", "calib_group")}
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *self.lazy})

@@ -138,6 +138,10 @@ def images_from_dataset(data_yaml: str | os.PathLike, input_names, img_size: int
 def resolve_parity_inputs(meta: dict, img_size: int, count: int, parity_images=None, data=None) -> ParityInputs:
     """Folder when given; else the val split of `data`, the checkpoint's dataset, or the embedded demo set."""
     input_names = list(meta["input_names"])
+    if parity_images is not None and Path(parity_images).suffix in (".yaml", ".yml"):
+        from .calib import parity_inputs_from_manifest  # a calib manifest: named, hashed images
+
+        return parity_inputs_from_manifest(parity_images, input_names, img_size, count)
     if parity_images is not None:
         return images_from_folder(parity_images, input_names, img_size, count)
     source = data or meta.get("data") or (meta.get("recipe") or {}).get("data") or "embedded"

@@ -29,8 +29,8 @@ def default_out_path(checkpoint: Path, fp32: bool, int4_weights: bool, target: s
 
 
 @click.command("export")
-@click.option("--onnx", "checkpoint", required=True, type=click.Path(), metavar="CKPT",
-              help="Checkpoint (.safetensors) to export as ONNX.")
+@click.option("--onnx", "checkpoint", type=click.Path(), metavar="CKPT", default=None,
+              help="Checkpoint (.safetensors) to export as ONNX (GHOST, PTQ or, with --fp32, FP32).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="ONNX path (default: beside the checkpoint, <stem>[.fp32|.int4|.cpu].onnx).")
 @click.option("--fp32", is_flag=True, help="Export the float model (teacher, or student without quantizers).")
@@ -42,14 +42,24 @@ def default_out_path(checkpoint: Path, fp32: bool, int4_weights: bool, target: s
               help="trt: TensorRT explicit quantization; cpu: the same values in ONNX Runtime's fast integer form.")
 @click.option("--decode", is_flag=True, help="Also output decoded boxes (B, N, 5+nc) as 'boxes'.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity gate (no parity set is written).")
-@click.option("--parity-images", type=click.Path(file_okay=False), default=None,
-              help="Folder of images for the parity set (default: the dataset's val split).")
+@click.option("--parity-images", type=click.Path(), default=None,
+              help="Folder of images, or a calib manifest (calib/<name>.yaml), for the parity set (default: the dataset's val split).")
+@click.option("--weights", type=click.Path(), default=None,
+              help="PTQ: an FP32 checkpoint to quantize after training (instead of --onnx); needs --calib.")
+@click.option("--calib", "calib_manifest", type=click.Path(), default=None,
+              help="PTQ: calibration set manifest from `ghost-deploy calib make`.")
+@click.option("--calibrator", type=click.Choice(["max", "percentile", "mse", "entropy"]), default="mse", show_default=True,
+              help="PTQ: how activation ranges are chosen.")
+@click.option("--weight-method", type=click.Choice(["mse", "max"]), default="mse", show_default=True,
+              help="PTQ: per-channel weight scale search.")
+@click.option("--bit-plan", type=click.Path(), default=None,
+              help="PTQ: bit plan JSON or a GHOST checkpoint whose plan to use (default: INT8 everywhere).")
 @click.option("--data", type=click.Path(), default=None, help="Dataset YAML for the parity images.")
 @click.option("--per-layer", is_flag=True, help="Compare every layer (automatic when the gate fails).")
 @click.option("--no-progress", is_flag=True, help="Print nothing but errors.")
 @_cli_errors
 def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, target, decode, no_parity, parity_images,
-                   data, per_layer, no_progress):
+                   weights, calib_manifest, calibrator, weight_method, bit_plan, data, per_layer, no_progress):
     """Export a checkpoint to a QDQ ONNX (per-layer bits kept), lint it for TensorRT, gate it on parity.
 
     Exit 0: written and within budget. Exit 1: a check failed; the report is saved and the model is kept only
@@ -57,6 +67,20 @@ def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, targ
     """
     from .api import export_onnx
 
+    from ..errors import UserError
+
+    if weights:  # PTQ: quantize the FP32 model into a checkpoint of its own, then the very same export path
+        from ..ptq import ptq_checkpoint
+
+        if checkpoint or not calib_manifest:
+            raise UserError("--weights", "PTQ takes --weights FP32_CKPT with --calib MANIFEST (and no --onnx)")
+        weights = Path(weights)
+        stem = weights.name[: -len(weights.suffix)] if weights.suffix else weights.name
+        checkpoint = ptq_checkpoint(weights, weights.with_name(f"{stem}.ptq-{calibrator}.safetensors"), calib_manifest,
+                                    plan=bit_plan, weight_method=weight_method, act_calibrator=calibrator,
+                                    log=None if no_progress else click.echo)
+    elif not checkpoint:
+        raise UserError("--onnx", "name the checkpoint to export (--onnx CKPT), or --weights FP32_CKPT --calib MANIFEST for PTQ")
     checkpoint = Path(checkpoint)
     out_path = Path(out) if out else default_out_path(checkpoint, fp32, int4_weights, target)
     export_onnx(checkpoint, out_path, fp32=fp32, int4_weights=int4_weights, simplify=not no_simplify, opset=opset,
