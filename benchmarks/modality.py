@@ -19,13 +19,17 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--recipe", default="demo")
 parser.add_argument("--out", default="runs/modality")
 parser.add_argument("--split", default="test")
+parser.add_argument("--fused-teacher", default=None, help="reuse this rgb+ir teacher (e.g. the pipeline's) instead of training one")
 args = parser.parse_args()
 recipe = load_recipe(args.recipe)
 results = {}
 for mode in ("rgb+ir", "rgb"):
-    run = train_teacher({**recipe, "input_mode": mode}, Path(args.out) / mode.replace("+", "_"), progress=False,
-                        log=lambda *_: None)
-    results[mode] = score_checkpoint(run["best"], recipe, args.split)
+    if mode == "rgb+ir" and args.fused_teacher:
+        best = args.fused_teacher
+    else:
+        best = train_teacher({**recipe, "input_mode": mode}, Path(args.out) / mode.replace("+", "_"), progress=False,
+                             log=lambda *_: None)["best"]
+    results[mode] = score_checkpoint(best, recipe, args.split)
     print(mode, f"mAP50 {results[mode]['mAP50']:.4f}")
 spec = load_dataset_yaml(read_meta(results["rgb+ir"]["checkpoint"])["data"])
 ir_only = set(spec.ir_only_classes)

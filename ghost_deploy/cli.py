@@ -5,7 +5,12 @@ file and the problem; `--debug` shows the traceback).
 """
 from __future__ import annotations
 
+import os
 import sys
+
+# Before torch or onnxruntime load OpenMP: idle threads sleep instead of spinning, so a busy machine (or ORT and
+# PyTorch in one process) does not slow every parallel region several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import warnings
 from pathlib import Path
 
