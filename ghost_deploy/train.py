@@ -10,7 +10,6 @@ import copy
 import csv
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from .errors import UserError
-from .io import write_json_atomic
 from .loss import DetectionLoss
 from .model import build_model
 from .val import batch_inputs, evaluate_model

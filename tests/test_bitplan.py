@@ -12,13 +12,9 @@ from ghost_deploy.errors import UserError
 from ghost_deploy.quant import (BitPlan, average_weight_bits, bops, format_plan_table, plan_from_bits, profile_model,
                                 quantize_model, size_mb, uniform_plan)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared test machines: one thread is faster under load
-    yield
-    torch.set_num_threads(threads)
+
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
 
 from ghost_deploy.errors import UserError
 from ghost_deploy.export import export_onnx, lint_qdq, load_our_onnx
@@ -15,35 +14,19 @@ from ghost_deploy.parityset import load_parity_set
 from ghost_deploy.quant import quant_layers
 from ghost_deploy.train import model_from_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMG = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs: on a shared 2-core machine OpenMP's spinning threads
-    otherwise fight the other processes and a 10 s module takes a minute."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def write_images(folder, count=3, seed=0):
-    """RGB + IR pairs in VEDAI naming, not square (the parity loader letterboxes them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-        Image.fromarray((rng.random((48, 72, 3)) * 255).astype(np.uint8)).save(folder / f"{index:08d}_co.png")
-        Image.fromarray((rng.random((48, 72)) * 255).astype(np.uint8)).save(folder / f"{index:08d}_ir.png")
-    return folder
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, write_image_pairs):
     root = tmp_path_factory.mktemp("export")
     checkpoint = save_sample_checkpoint(root / "student.safetensors", img_size=IMG, weight_bits=(3, 8), seed=1,
                                         parity={"images": 2})
-    images = write_images(root / "images")
+    images = write_image_pairs(root / "images", count=3, seed=0, height=48, width=72, digits=8)  # not square
     result = export_onnx(checkpoint, root / "student.onnx", parity_images=images, decode=True, progress=False)
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
     return {"root": root, "checkpoint": checkpoint, "images": images, "result": result, "model": model, "meta": meta,

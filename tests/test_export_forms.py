@@ -3,7 +3,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, numpy_helper
 
 from ghost_deploy.errors import UserError
@@ -11,34 +10,17 @@ from ghost_deploy.export import export_onnx, load_our_onnx
 from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
 from ghost_deploy.quant.trace import conv_names
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMG = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs: on a shared 2-core machine OpenMP's spinning threads
-    otherwise fight the other processes and a 10 s module takes a minute."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def write_images(folder, count=2, seed=5):
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{index:04d}_co.png")
-        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(folder / f"{index:04d}_ir.png")
-    return folder
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(tmp_path_factory, write_image_pairs):
     folder = tmp_path_factory.mktemp("forms")
-    write_images(folder / "images")
+    write_image_pairs(folder / "images", count=2, seed=5)
     return folder
 
 

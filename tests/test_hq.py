@@ -10,13 +10,9 @@ from ghost_deploy.errors import UserError
 from ghost_deploy.quant import average_weight_bits, bops, budget_plan, hq_plan, kmeans_1d, size_mb
 from ghost_deploy.quant.hq import hq_bits, kmeans_distortion, sorted_subsample
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared test machines: one thread is faster under load
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def tiny(seed=0):

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import ghost_deploy
-from ghost_deploy.model import Detector
 
 
 def count_params(model):

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -16,39 +15,22 @@ from ghost_deploy.export.sample import save_sample_checkpoint
 from ghost_deploy.parity import budgets_from_recipe, images_from_folder, localise
 from ghost_deploy.train import model_from_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMG = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs: on a shared 2-core machine OpenMP's spinning threads
-    otherwise fight the other processes and a 10 s module takes a minute."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 VEDAI_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "vedai-real" / "VEDAI" / "images"
 if not VEDAI_IMAGES.is_dir():
     VEDAI_IMAGES = Path("/work/shared/data/vedai-real/VEDAI/images")
 
 
-def write_images(folder, count=2, seed=3):
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{index:04d}_co.png")
-        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(folder / f"{index:04d}_ir.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, write_image_pairs):
     root = tmp_path_factory.mktemp("parity")
     checkpoint = save_sample_checkpoint(root / "student.safetensors", img_size=IMG, weight_bits=(3, 8), seed=2,
                                         parity={"images": 2})
-    images = VEDAI_IMAGES if VEDAI_IMAGES.is_dir() else write_images(root / "images")
+    images = VEDAI_IMAGES if VEDAI_IMAGES.is_dir() else write_image_pairs(root / "images", count=2, seed=3)
     good = export_onnx(checkpoint, root / "good.onnx", parity_images=images, progress=False)
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
     return {"root": root, "checkpoint": checkpoint, "images": images, "good": good, "model": model, "meta": meta}

@@ -14,14 +14,9 @@ from ghost_deploy.quant import (ActQuantizer, QuantConv2d, WeightQuantizer, act_
                                 fold_bn, quant_layers, quantize_model, uniform_plan)
 from ghost_deploy.quant.quantizers import qrange
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machines are shared: two intra-op threads under load are many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def images(batch=2, size=64, seed=0):
