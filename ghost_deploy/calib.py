@@ -24,7 +24,7 @@ import yaml
 
 from . import __version__
 from .errors import UserError, handle_cli_errors
-from .io import sha256_file, write_text_atomic
+from .io import read_user_yaml, sha256_file, write_text_atomic
 
 FORMAT = "ghost-deploy/calib-set/v1"
 EMBEDDED = "embedded"  # the data key of a set drawn from the embedded demo set (root found on any machine)
@@ -339,16 +339,7 @@ def load_calib_set(manifest, root=None, verify: bool = True) -> CalibSet:
     `root` overrides the dataset root written in the manifest (the same images moved to another machine).
     """
     path = Path(manifest)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(path, "calibration set manifest not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(path, f"cannot read calibration set manifest ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(path, f"invalid YAML: {' '.join(str(exc).split())}") from None
+    data = read_user_yaml(path, "calibration set manifest")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
         raise UserError(path, f"not a calibration set manifest (format {found!r}, expected {FORMAT!r})")

@@ -55,3 +55,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """A user's text file, or a one-line UserError naming it: '<what> not found', 'not UTF-8 text', unreadable."""
+    from .errors import UserError
+
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(path, f"{what} not found") from None
+    except UnicodeDecodeError:
+        raise UserError(path, f"{what} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(path, f"cannot read {what}: {exc}") from None
+
+
+def read_user_yaml(path: str | os.PathLike, what: str):
+    """`read_user_text` parsed as YAML; a syntax error is one line naming the file."""
+    import yaml
+
+    from .errors import UserError
+
+    text = read_user_text(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(path, f"invalid YAML: {' '.join(str(exc).split())}") from None

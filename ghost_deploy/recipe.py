@@ -9,9 +9,9 @@ import copy
 import os
 from pathlib import Path
 
-import yaml
 
 from .errors import UserError
+from .io import read_user_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "training"
@@ -78,10 +78,7 @@ def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
 
 def load_recipe(name_or_path: str | os.PathLike = "demo") -> dict:
     path = resolve_recipe_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UserError(path, f"not valid YAML ({str(error).splitlines()[0]})") from None
+    raw = read_user_yaml(path, "recipe") or {}
     if not isinstance(raw, dict):
         raise UserError(path, "a recipe must be a YAML mapping")
     unknown = set(raw) - set(DEFAULTS)

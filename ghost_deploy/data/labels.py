@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..io import read_user_text
 
 # Converters print 6 decimals and round-trips through float32 add a little more; anything beyond this
 # slack is a real out-of-range coordinate, not rounding.
@@ -18,14 +19,7 @@ COLUMNS = ("cx", "cy", "w", "h")
 def parse_label_file(path: str | os.PathLike, nc: int) -> np.ndarray:
     """Read a label file into an (n, 5) float32 array [cls, cx, cy, w, h]; an empty file means no objects."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(path, "label file not found") from None
-    except UnicodeDecodeError:
-        raise UserError(path, "label file is not UTF-8 text") from None
-    except OSError as exc:
-        raise UserError(path, f"cannot read label file: {exc}") from None
+    text = read_user_text(path, "label file")
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -59,7 +53,7 @@ def _parse_row(path: Path, number: int, line: str, nc: int) -> list[float]:
     for name, value in zip(COLUMNS, values[1:]):
         if value < -COORD_TOLERANCE or value > 1 + COORD_TOLERANCE:
             raise UserError(path, f"line {number}: {name} {value:g} outside [0, 1]")
-        if name in ("w", "h") and value <= 0:
+        if name in ("w", "h") and np.float32(value) <= 0:  # labels are float32: 1e-243 would become a 0-size box
             raise UserError(path, f"line {number}: {name} {value:g} <= 0")
         coords.append(min(max(value, 0.0), 1.0))
     return [float(int(cls))] + coords

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from ..errors import UserError
+from ..io import read_user_yaml
 
 MODALITIES = ("rgb", "ir")
 SPLITS = ("train", "val", "test")
@@ -51,16 +51,7 @@ class DatasetSpec:
 def load_dataset_yaml(path: str | os.PathLike, check_paths: bool = True) -> DatasetSpec:
     """Read and validate a dataset yaml. `check_paths=False` skips the existence checks (for templates)."""
     yaml_path = Path(path)
-    try:
-        text = yaml_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(yaml_path, "dataset yaml not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(yaml_path, f"cannot read dataset yaml: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(yaml_path, f"invalid YAML: {' '.join(str(exc).split())}") from None
+    data = read_user_yaml(yaml_path, "dataset yaml")
     if not isinstance(data, dict):
         raise UserError(yaml_path, "a dataset yaml must be a mapping of keys (path, train, val, nc, names, modalities)")
     for key in REQUIRED_KEYS:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import write_text_atomic
+from ..io import read_user_text, write_text_atomic
 from .labels import format_label_rows
 
 GHOST_NAMES = ("car", "pickup", "camping", "truck", "other", "tractor", "boat", "van")
@@ -73,12 +73,7 @@ def convert_vedai(
 
 def read_annotations(annotation_file: Path) -> dict[str, list]:
     """id -> [(raw class, (xc, yc), corners_x (4,), corners_y (4,)), ...]; UserError on a malformed line."""
-    try:
-        text = annotation_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(annotation_file, "annotation file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(annotation_file, f"cannot read annotation file: {exc}") from None
+    text = read_user_text(annotation_file, "annotation file")
     objects: dict[str, list] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
