@@ -75,7 +75,9 @@ def _worker(local_rank: int, nproc: int, port: int, recipe: dict, out: str, kwar
     from .pipeline import run_training
 
     try:
-        run_training(recipe, Path(out), nproc=1, progress=local_rank == 0, **kwargs)
+        run_training(recipe, Path(out), nproc=1, progress=local_rank == 0,
+                     log=print if local_rank == 0 else (lambda *_: None), **kwargs)
+        dist.barrier()  # no rank tears the group down while another still talks to it (gloo aborts then)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
