@@ -4,7 +4,10 @@ Tensor level: cosine similarity per image (the gate) and overall, max abs error,
 output's quantization scale when known (1 LSB = one scale step; TensorRT rounds half-to-even and uses
 reciprocal scales, so 1-LSB flips are expected and bit-exactness is not a valid gate).
 Detection level (when a `detection_fn` is given): boxes matched by class and IoU, counting missing and
-extra detections and the largest score change. Numpy only; knows nothing about torch, ORT or TensorRT.
+extra detections and the largest score change. When the detections say which prediction (anchor) each came
+from and carry the dense predictions, a detection is compared with the other side's prediction *at the same
+anchor*: two runtimes whose numbers agree can still let NMS pick a different one of two near-tied boxes, which
+is not a difference in the model. Numpy only; knows nothing about torch, ORT or TensorRT.
 """
 from __future__ import annotations
 
@@ -138,10 +141,54 @@ def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     return np.where(identical, 1.0, iou)
 
 
-def match_detections(reference: np.ndarray, candidate: np.ndarray, budgets: Budgets) -> dict:
-    """Greedy match (reference by descending score) to the best-IoU unmatched candidate of the same class."""
-    ref = np.asarray(reference, dtype=np.float64).reshape(-1, 6)
-    cand = np.asarray(candidate, dtype=np.float64).reshape(-1, 6)
+@dataclass
+class ImageDetections:
+    """One image's detections, and where they came from.
+
+    `boxes`: (n, 6) [x1, y1, x2, y2, score, class] after NMS. `anchors`: (n,) the row of `predictions` each
+    detection was taken from. `predictions`: (N, 4 + 1 + nc) every anchor's [x1, y1, x2, y2, obj, cls...]
+    before NMS (scores are obj * cls).
+    """
+    boxes: np.ndarray
+    anchors: np.ndarray
+    predictions: np.ndarray
+
+    def at(self, anchors: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """(n, 6) this image's prediction at each given anchor, scored for the given class."""
+        rows = self.predictions[anchors.astype(np.int64)]
+        scores = rows[:, 4] * rows[np.arange(len(rows)), 5 + classes.astype(np.int64)]
+        return np.concatenate((rows[:, :4], scores[:, None], classes[:, None]), axis=1)
+
+
+def _match_at_anchors(reference: ImageDetections, candidate: ImageDetections, budgets: Budgets) -> dict:
+    """Each side's detections against the other side's prediction at the same anchor and class."""
+    ref = np.asarray(reference.boxes, dtype=np.float64).reshape(-1, 6)
+    cand = np.asarray(candidate.boxes, dtype=np.float64).reshape(-1, 6)
+    above_ref = ref[:, 4] >= budgets.score_threshold
+    above_cand = cand[:, 4] >= budgets.score_threshold
+    score_deltas = []
+
+    def agree(mine: np.ndarray, anchors: np.ndarray, other: ImageDetections) -> np.ndarray:
+        there = other.at(np.asarray(anchors), mine[:, 5]).astype(np.float64)
+        iou = np.diag(box_iou(mine[:, :4], there[:, :4])) if len(mine) else np.zeros(0)
+        ok = iou >= budgets.match_iou
+        score_deltas.extend(np.abs(mine[ok, 4] - there[ok, 4]).tolist())
+        return ok
+
+    ref_ok = agree(ref[above_ref], np.asarray(reference.anchors)[above_ref], candidate)
+    cand_ok = agree(cand[above_cand], np.asarray(candidate.anchors)[above_cand], reference)
+    return {"reference_count": int(above_ref.sum()), "candidate_count": int(above_cand.sum()),
+            "matched": int(ref_ok.sum()), "missing": int((~ref_ok).sum()), "extra": int((~cand_ok).sum()),
+            "max_score_delta": max(score_deltas) if score_deltas else 0.0}
+
+
+def match_detections(reference, candidate, budgets: Budgets) -> dict:
+    """Same-anchor comparison for ImageDetections (see the module docstring); for bare (n, 6) arrays, a greedy
+    match (reference by descending score) to the best-IoU unmatched candidate of the same class."""
+    if isinstance(reference, ImageDetections) and isinstance(candidate, ImageDetections):
+        return _match_at_anchors(reference, candidate, budgets)
+    ref = np.asarray(getattr(reference, "boxes", reference), dtype=np.float64).reshape(-1, 6)
+    cand = np.asarray(getattr(candidate, "boxes", candidate), dtype=np.float64).reshape(-1, 6)
     iou = box_iou(ref[:, :4], cand[:, :4])
     cand_taken = np.zeros(len(cand), dtype=bool)
     ref_taken = np.zeros(len(ref), dtype=bool)

@@ -60,12 +60,16 @@ def detection_fn_from_meta(meta: dict, output_names: list[str], conf_thres: floa
         raise UserError(None, f"parity set meta: {len(strides)} strides but {len(head_names)} head outputs {head_names}")
     from ghost_deploy import postprocess  # lazy: numpy-only module owned by the postprocess stage
 
-    nms = getattr(postprocess, "nms_np", None) or postprocess.non_max_suppression_np
+    from ghost_deploy.boxes import xywh2xyxy
+    from ghost_deploy.compare import ImageDetections
 
-    def detect(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def detect(outputs: dict[str, np.ndarray]) -> list[ImageDetections]:
         heads = [np.asarray(outputs[name], dtype=np.float32) for name in head_names]
         pred = postprocess.decode_heads_np(heads, strides, anchors, int(nc))
-        return [np.asarray(d, dtype=np.float64).reshape(-1, 6) for d in nms(pred, conf_thres, iou_thres, max_det)]
+        found = postprocess.non_max_suppression_np(pred, conf_thres, iou_thres, max_det, with_anchors=True)
+        return [ImageDetections(np.asarray(boxes, dtype=np.float64).reshape(-1, 6), rows,
+                                np.concatenate((xywh2xyxy(image[:, :4]), image[:, 4:]), axis=1))
+                for (boxes, rows), image in zip(found, pred)]
 
     return detect
 

@@ -66,15 +66,17 @@ def greedy_nms_np(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, io
 
 
 def non_max_suppression_np(pred: np.ndarray, conf_thres: float = 0.001, iou_thres: float = 0.6,
-                           max_det: int = 300, multi_label: bool = True) -> list[np.ndarray]:
+                           max_det: int = 300, multi_label: bool = True, with_anchors: bool = False) -> list:
     """Standard (not merge) NMS of decoded predictions (B, N, 5+nc) -> per image (n, 6) float32.
 
     Candidates need obj > conf_thres and score = obj * cls > conf_thres; with `multi_label` a box yields
-    one candidate per class above the threshold, else only its best class.
+    one candidate per class above the threshold, else only its best class. `with_anchors`: per image a pair
+    ((n, 6) detections, (n,) index into N of the prediction each came from).
     """
     output = []
     for image_pred in pred:
-        x = image_pred[image_pred[:, 4] > conf_thres]
+        candidates = np.nonzero(image_pred[:, 4] > conf_thres)[0]
+        x = image_pred[candidates]
         scores = x[:, 5:] * x[:, 4:5]
         boxes = xywh2xyxy(x[:, :4])
         if multi_label:
@@ -83,8 +85,11 @@ def non_max_suppression_np(pred: np.ndarray, conf_thres: float = 0.001, iou_thre
         else:
             cls = scores.argmax(1)
             best = scores[np.arange(len(scores)), cls]
-            det = np.concatenate((boxes, best[:, None], cls[:, None].astype(np.float32)), 1)[best > conf_thres]
-        det = det[np.argsort(-det[:, 4], kind="stable")[:MAX_NMS]].astype(np.float32, copy=False)
+            rows = np.nonzero(best > conf_thres)[0]
+            det = np.concatenate((boxes, best[:, None], cls[:, None].astype(np.float32)), 1)[rows]
+        order = np.argsort(-det[:, 4], kind="stable")[:MAX_NMS]
+        det = det[order].astype(np.float32, copy=False)
         keep = greedy_nms_np(det[:, :4], det[:, 4], det[:, 5], iou_thres, max_det)
-        output.append(det[keep].reshape(-1, 6))
+        kept = det[keep].reshape(-1, 6)
+        output.append((kept, candidates[rows[order[keep]]]) if with_anchors else kept)
     return output

@@ -162,3 +162,47 @@ def test_parity_set_errors(tmp_path):
             load_parity_set(cut)
     with pytest.raises(UserError, match="input_names"):
         save_parity_set(path, {"rgb": np.zeros(3)}, {"p3": np.zeros(3)}, {"input_names": ["ir"]})
+
+
+def _image(predictions, anchors, classes):
+    """ImageDetections whose detections are the given anchors' predictions, scored for the given classes."""
+    from ghost_deploy.compare import ImageDetections
+
+    predictions = np.asarray(predictions, dtype=np.float64)
+    empty = ImageDetections(np.zeros((0, 6)), np.zeros(0, np.int64), predictions)
+    boxes = empty.at(np.asarray(anchors), np.asarray(classes, dtype=np.float64))
+    return ImageDetections(boxes, np.asarray(anchors), predictions)
+
+
+def test_near_tied_boxes_that_nms_picks_differently_still_match_at_their_anchors():
+    from ghost_deploy.compare import compare_detections
+
+    # two anchors see one object with scores 0.50 / 0.49; the candidate's 0.49 / 0.50 makes NMS keep the other
+    box_a, box_b = [10, 10, 30, 30], [11, 12, 31, 33]  # IoU 0.79 with each other: different boxes
+    reference = [[*box_a, 1.0, 0.50, 0.0], [*box_b, 1.0, 0.49, 0.0]]
+    candidate = [[*box_a, 1.0, 0.49, 0.0], [*box_b, 1.0, 0.50, 0.0]]
+    report = compare_detections([_image(reference, [0], [0])], [_image(candidate, [1], [0])], Budgets())
+    assert (report["matched"], report["missing"], report["extra"]) == (1, 0, 0)
+    assert report["max_score_delta"] == pytest.approx(0.01)
+    # the old rule (boxes only) calls the same pair one missing and one extra
+    bare = compare_detections([np.array([[*box_a, 0.50, 0]])], [np.array([[*box_b, 0.50, 0]])], Budgets())
+    assert (bare["missing"], bare["extra"]) == (1, 1)
+    # a real change at the anchor is still caught: the box moved, or the score fell
+    moved = [[*box_b, 1.0, 0.50, 0.0], [*box_b, 1.0, 0.49, 0.0]]
+    report = compare_detections([_image(reference, [0], [0])], [_image(moved, [1], [0])], Budgets())
+    assert report["missing"] == 1
+    faded = [[*box_a, 1.0, 0.40, 0.0], [*box_b, 1.0, 0.30, 0.0]]
+    report = compare_detections([_image(reference, [0], [0])], [_image(faded, [], [])], Budgets())
+    assert report["matched"] == 1 and report["max_score_delta"] == pytest.approx(0.10)
+
+
+def test_nms_reports_the_anchor_each_detection_came_from():
+    from ghost_deploy.postprocess import non_max_suppression_np
+
+    pred = np.zeros((1, 5, 7), np.float32)  # (cx, cy, w, h, obj, cls0, cls1)
+    pred[0, 3] = [20, 20, 10, 10, 0.9, 0.9, 0.1]
+    pred[0, 1] = [21, 20, 10, 10, 0.8, 0.9, 0.1]  # suppressed by anchor 3
+    pred[0, 4] = [60, 60, 10, 10, 0.7, 0.2, 0.8]
+    (boxes, anchors), = non_max_suppression_np(pred, conf_thres=0.25, iou_thres=0.45, with_anchors=True)
+    assert anchors.tolist() == [3, 4]
+    np.testing.assert_array_equal(boxes, non_max_suppression_np(pred, conf_thres=0.25, iou_thres=0.45)[0])

@@ -63,6 +63,47 @@ def test_cpu_target_is_a_lossless_reencoding_that_ort_runs_with_integer_kernels(
     fused = [n for n in onnx.load(str(root / "optimized.onnx")).graph.node if n.op_type == "QLinearConv"]
     assert len(fused) == len(cpu["integer_convs"])
     assert load_our_onnx(result.onnx_path)[1]["target"] == "cpu"
+    # the 4-channel stem stays float, with the trained per-channel codes: ORT must not re-quantize its weights
+    assert cpu["float_stem_convs"] == ["model.0.conv"] and "model.0.conv" not in cpu["integer_convs"]
+    optimized = onnx.load(str(root / "optimized.onnx")).graph
+    stem = next(n for n in optimized.node if n.name == "model.0.conv")
+    assert stem.op_type in ("Conv", "FusedConv")
+    weight_dq = next(n for n in optimized.node if stem.input[1] in n.output)
+    assert weight_dq.op_type == "DequantizeLinear"
+    assert next(i for i in optimized.initializer if i.name == weight_dq.input[1]).dims[0] > 1  # per channel
+    # clips that cannot act are gone (behind Concat / MaxPool / Resize of clipped inputs), the others stay
+    clips = [n.name for n in graph.graph.node if n.op_type == "Clip"]
+    assert cpu["dropped_code_clips"] and not set(cpu["dropped_code_clips"]) & set(clips)
+    assert "model.8.m.0.MaxPool.output_code_clip" in cpu["dropped_code_clips"]
+    assert "model.1.conv.output_code_clip" in clips
+
+
+def test_code_ranges_prove_only_what_is_certain():
+    from onnx import helper
+
+    from ghost_deploy.export.cpu_form import code_ranges
+
+    def const(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp0"], ["xq"]),
+             helper.make_node("Clip", ["xq", "lo", "hi"], ["xc"]),
+             helper.make_node("DequantizeLinear", ["xc", "s", "zp0"], ["xd"]),
+             helper.make_node("MaxPool", ["xd"], ["pooled"], kernel_shape=[2, 2]),
+             helper.make_node("QuantizeLinear", ["pooled", "s", "zp0"], ["pooled_q"]),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "s", "zp128"], ["r_q"]),
+             helper.make_node("Add", ["xd", "xd"], ["sum"]),
+             helper.make_node("QuantizeLinear", ["sum", "s", "zp0"], ["sum_q"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info(n, TensorProto.UINT8, None) for n in ("pooled_q", "r_q", "sum_q")],
+                              [const("s", 0.1, np.float32), const("zp0", 0, np.uint8), const("zp128", 128, np.uint8),
+                               const("lo", 0, np.uint8), const("hi", 100, np.uint8)])
+    ranges = code_ranges(helper.make_model(graph))
+    assert ranges["xq"] == (0, 255) and ranges["xc"] == (0, 100)
+    assert ranges["pooled_q"] == (0, 100)  # a MaxPool of codes in [0, 100] re-quantized on the same grid
+    assert ranges["r_q"] == (128, 255)  # after a ReLU, zero-point 128: the top saturates exactly, no clip needed
+    assert ranges["sum_q"] == (0, 255)  # an Add proves nothing
 
 
 def test_fp32_export_of_a_teacher_matches_pytorch(root, mixed_checkpoint):

@@ -20,6 +20,7 @@ from .. import __version__
 from ..errors import ParityError, UserError
 from ..io import sha256_file, write_json_atomic
 from . import onnx_qdq, torch_graph
+from .graph import name_tensors_after_nodes
 from .checks import bits_preserved, quantization_signature, signature_changes
 from .lint import Finding, errors, lint_qdq
 from .metadata import load_our_onnx, read_metadata, set_metadata
@@ -129,6 +130,10 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
         findings, lint_note = [], "skipped: target cpu is ONNX Runtime's form (u8 codes, code clips), not for TensorRT"
     lint_errors = errors(findings)
     output_scales = {} if fp32 else _head_scales(graph, heads, convs, acts)
+
+    # Every consumer (ORT, TensorRT, onnx) infers the shapes again; stored, they were 6% of the file.
+    del graph.graph.value_info[:]
+    name_tensors_after_nodes(graph)
 
     # --- metadata (last change to the graph: the hash covers it)
     metadata = set_metadata(graph, {

@@ -13,6 +13,9 @@ follows a conv and ORT runs every conv in float, with a dequantize in front. Thi
 3. Every other activation pair: s8 zero-point 0 -> u8 zero-point 128 (identical values; ORT does this itself).
 4. Weights of convs ORT will still run in float are stored dequantized (float32(code) * scale, the exact
    value DequantizeLinear computes), so no DequantizeLinear runs on every inference.
+5. Code clips that provably never act are dropped: a Clip node costs as much as a small QLinearConv in ORT, and
+   behind a Concat, MaxPool or nearest Resize of tensors already clipped to the same range (same scale and
+   zero-point) the codes cannot leave that range. `code_ranges` proves it by interval arithmetic.
 
 The only numeric change is inside ORT: QLinearConv rounds the float bias to int32 at scale s_in * s_w and
 requantizes with its own rounding, so a code can move by one step. The parity gate measures it against the
@@ -26,12 +29,17 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
+from .graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, readable_tensor_name, unique_name
 from .onnx_qdq import nonnegative_tensors
 
 # Ops a per-tensor symmetric quantizer commutes with exactly (they select or take maxima, and rounding and
 # clamping are monotone): Q(op(x)) == op(Q(x)) for one shared scale. Nearest Resize is checked separately.
 _COMMUTING = ("Concat", "MaxPool", "Identity")
+
+# A conv reading fewer channels than this stays in float. MLAS's integer conv has nothing for a stem conv on
+# a 4-channel RGB+IR image, while its float NCHWc path has a kernel for exactly that: measured with ORT on the
+# 2-core dev machine (ghost-p, 128 px), model.0 took 405 us as QLinearConv and 185 us as a float Conv.
+MIN_INTEGER_CONV_CHANNELS = 8
 
 
 @dataclass
@@ -56,10 +64,13 @@ class CpuFormSummary:
     float_convs: list[str] = field(default_factory=list)  # quantized convs ORT runs in float (weights dequantized)
     reencoded_pairs: int = 0
     integer_concat_inputs: int = 0  # float tensors quantized before a Concat so the Concat runs on integers
+    dropped_code_clips: list[str] = field(default_factory=list)  # clips whose input codes never leave their range
+    float_stem_convs: list[str] = field(default_factory=list)  # too few input channels for the integer kernels
 
     def to_dict(self) -> dict:
         return {"integer_convs": list(self.integer_convs), "float_convs": list(self.float_convs),
-                "reencoded_pairs": self.reencoded_pairs, "integer_concat_inputs": self.integer_concat_inputs}
+                "reencoded_pairs": self.reencoded_pairs, "integer_concat_inputs": self.integer_concat_inputs,
+                "dropped_code_clips": list(self.dropped_code_clips), "float_stem_convs": list(self.float_stem_convs)}
 
 
 def _activation_pairs(index: GraphIndex) -> dict[str, ActPair]:
@@ -142,6 +153,7 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
         by_source.setdefault(pair.source, []).append(pair)
     handled: set[str] = set()
     quantized_at: set[str] = set()  # tensors that got a new pair
+    keep_relu: set[str] = set()  # ReLU outputs of float convs: their pairs must not let ORT drop the ReLU
 
     def replace(pair: ActPair, out_name: str) -> None:
         rewire[pair.dequantize.output[0]] = out_name
@@ -151,6 +163,13 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     for conv in [n for n in graph.node if _is_quantized_conv(index, n)]:
         tensor, after_relu = _conv_output(index, conv)
         terminals = _terminals(index, tensor, by_source)
+        if after_relu and index.constant(index.producer[conv.input[1]].input[0]).shape[1] < MIN_INTEGER_CONV_CHANNELS:
+            # A u8 zero-point 128 after its ReLU keeps the ReLU, so no Q follows the conv and ORT cannot fuse it
+            # into QLinearConv. Its weights keep their per-channel DequantizeLinear: ORT (1.20+) re-quantizes
+            # float weights per tensor in front of a Q, which would change the model.
+            keep_relu.add(tensor)
+            summary.float_stem_convs.append(conv.name)
+            continue
         if not terminals or len({p.key() for p in terminals}) != 1:
             summary.float_convs.append(conv.name)
             continue
@@ -182,7 +201,7 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
                 continue
             if {p.key() for p in (_terminals(index, tensor, by_source) or [])} != keys or by_source.get(tensor):
                 continue
-            nodes, inits, out_name = _u8_pair(f"{_readable(tensor)}.output", tensor, scale, qmax, tensor in nonneg, taken)
+            nodes, inits, out_name = _u8_pair(f"{readable_tensor_name(tensor)}.output", tensor, scale, qmax, tensor in nonneg, taken)
             new_inits += inits
             rewire.setdefault(tensor, out_name)
             insertions.append((tensor, nodes))
@@ -193,7 +212,8 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
         if name in handled:
             continue
         base = pair.quantize.name[: -len("_q")] if pair.quantize.name.endswith("_q") else pair.quantize.name
-        nodes, inits, out_name = _u8_pair(f"{base}_u8", pair.source, pair.scale, pair.qmax, pair.source in nonneg, taken)
+        non_negative = pair.source in nonneg and pair.source not in keep_relu
+        nodes, inits, out_name = _u8_pair(f"{base}_u8", pair.source, pair.scale, pair.qmax, non_negative, taken)
         new_inits += inits
         replace(pair, out_name)
         insertions.append((pair.source, nodes))
@@ -214,18 +234,12 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
             graph.node.insert(position + offset, node)
     _remove_nodes(graph, removed)
     graph.initializer.extend(new_inits)
-    _expand_weight_codes(model, set(summary.integer_convs))
+    _expand_weight_codes(model, set(summary.integer_convs) | set(summary.float_stem_convs))
     _dequantize_float_conv_weights(model, set(summary.float_convs))
+    summary.dropped_code_clips = _drop_proven_code_clips(model)
     _drop_unused_initializers(model)
     del model.graph.value_info[:]  # types of re-encoded tensors changed (s8 -> u8); shape inference redoes them
     return summary
-
-
-def _readable(tensor: str) -> str:
-    """'/detector/model.2/m/m.0/Add_output_0' -> 'model.2.m.m.0.Add'."""
-    name = tensor.lstrip("/").replace("/", ".")
-    name = name[len("detector."):] if name.startswith("detector.") else name
-    return name[: -len("_output_0")] if name.endswith("_output_0") else name
 
 
 def _position(graph: onnx.GraphProto, output: str) -> int:
@@ -290,6 +304,82 @@ def _u8_pair(base: str, source: str, scale: float, qmax: int, non_negative: bool
              helper.make_node(DEQUANTIZE, [clipped, names["scale"], names["zero_point"]], [out_name],
                               name=unique_name(f"{base}_dq", taken), doc_string=doc)]
     return nodes, inits, out_name
+
+
+# Slack when turning a real interval back into codes: DequantizeLinear then QuantizeLinear of a code c gives
+# c / s * s, which float32 may put a hair off c; any value within this of c still rounds to c.
+_CODE_SLACK = 1e-3
+
+
+def code_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """A proven [low, high] for every activation tensor: codes for integer tensors, real values for float ones.
+
+    Only what is certain: graph inputs are unbounded, a QuantizeLinear saturates to its type, a Clip bounds,
+    a DequantizeLinear maps codes to values, Relu clamps at zero, and Concat / MaxPool / nearest Resize /
+    Identity cannot leave the range of their inputs. Anything else (convs, adds) is unbounded: interval
+    bounds through a conv are far wider than any trained range, so they would prove nothing.
+    """
+    index = GraphIndex(model)
+    unbounded = (-np.inf, np.inf)
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def of(name: str) -> tuple[float, float]:
+        return ranges.get(name, unbounded)
+
+    for node in model.graph.node:
+        op = node.op_type
+        if op == QUANTIZE and not index.is_constant(node.input[0]):
+            scale = float(index.constant(node.input[1]))
+            zero_point = int(index.constant(node.input[2])) if len(node.input) > 2 else 0
+            dtype = index.constant(node.input[2]).dtype if len(node.input) > 2 else np.dtype(np.uint8)
+            type_low, type_high = np.iinfo(dtype).min, np.iinfo(dtype).max
+            low, high = of(node.input[0])
+            # round-half-even(v) lies in [ceil(v - 0.5), floor(v + 0.5)]
+            code_low = np.ceil(low / scale - 0.5 - _CODE_SLACK) + zero_point if np.isfinite(low) else type_low
+            code_high = np.floor(high / scale + 0.5 + _CODE_SLACK) + zero_point if np.isfinite(high) else type_high
+            ranges[node.output[0]] = (float(np.clip(code_low, type_low, type_high)),
+                                      float(np.clip(code_high, type_low, type_high)))
+        elif op == "Clip" and len(node.input) == 3 and all(index.is_constant(n) for n in node.input[1:]):
+            low, high = of(node.input[0])
+            ranges[node.output[0]] = (max(low, float(index.constant(node.input[1]))),
+                                      min(high, float(index.constant(node.input[2]))))
+        elif op == DEQUANTIZE and not index.is_constant(node.input[0]):
+            scale = index.constant(node.input[1])
+            if scale is None or scale.size != 1:
+                continue
+            zero_point = float(index.constant(node.input[2])) if len(node.input) > 2 else 0.0
+            low, high = of(node.input[0])
+            ranges[node.output[0]] = ((low - zero_point) * float(scale), (high - zero_point) * float(scale))
+        elif op == "Relu":
+            low, high = of(node.input[0])
+            ranges[node.output[0]] = (max(low, 0.0), max(high, 0.0))
+        elif op == "Concat":
+            inputs = [of(name) for name in node.input]
+            ranges[node.output[0]] = (min(r[0] for r in inputs), max(r[1] for r in inputs))
+        elif op in ("MaxPool", "Identity") or (op == "Resize" and node_attribute(node, "mode", b"nearest")
+                                               in (b"nearest", "nearest")):
+            ranges[node.output[0]] = of(node.input[0])
+    return ranges
+
+
+def _drop_proven_code_clips(model: onnx.ModelProto) -> list[str]:
+    """Remove the code clips this pass wrote where `code_ranges` proves the codes already lie inside."""
+    index = GraphIndex(model)
+    ranges = code_ranges(model)
+    dropped, rewire = [], {}
+    for node in model.graph.node:
+        if node.op_type != "Clip" or not node.name.endswith("_code_clip"):
+            continue
+        low, high = ranges.get(node.input[0], (-np.inf, np.inf))
+        if low >= float(index.constant(node.input[1])) and high <= float(index.constant(node.input[2])):
+            rewire[node.output[0]] = node.input[0]
+            dropped.append(node.name)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rewire:
+                node.input[i] = rewire[name]
+    _remove_nodes(model.graph, set(rewire))
+    return dropped
 
 
 def _dequantize_float_conv_weights(model: onnx.ModelProto, convs: set[str]) -> None:

@@ -106,3 +106,37 @@ def graph_sha256(model: onnx.ModelProto) -> str:
     for opset in sorted((o.domain, o.version) for o in model.opset_import):
         digest.update(f"{opset[0]}:{opset[1]};".encode())
     return digest.hexdigest()
+
+
+def readable_tensor_name(name: str) -> str:
+    """'/detector/model.2/m/m.0/Add_output_0' -> 'model.2.m.m.0.Add' (torch.onnx's scoped names, flattened)."""
+    name = name.lstrip("/").replace("/", ".")
+    name = name[len("detector."):] if name.startswith("detector.") else name
+    return name[: -len("_output_0")] if name.endswith("_output_0") else name
+
+
+def name_tensors_after_nodes(model: onnx.ModelProto) -> None:
+    """Each intermediate tensor takes its producer's (readable) node name.
+
+    torch.onnx names tensors by scope ('/detector/model.2/m/m.0/cv2/act/Relu_output_0'), written once per
+    producer and once per reader; the node names already say the same, shorter, and match the bit plan.
+    Graph inputs, outputs and initializers keep their names.
+    """
+    graph = model.graph
+    kept = {v.name for v in graph.input} | {v.name for v in graph.output} | {i.name for i in graph.initializer}
+    taken = set(kept)
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        for position, tensor in enumerate(node.output):
+            if not tensor or tensor in kept:
+                continue
+            base = readable_tensor_name(node.name or tensor)
+            renamed[tensor] = node.output[position] = unique_name(
+                base if len(node.output) == 1 else f"{base}:{position}", taken)
+    for node in graph.node:
+        for position, tensor in enumerate(node.input):
+            if tensor in renamed:
+                node.input[position] = renamed[tensor]
+    for info in graph.value_info:
+        if info.name in renamed:
+            info.name = renamed[info.name]
