@@ -90,7 +90,9 @@ class _StageLedger:
 
     def fresh(self, stage: str, fingerprint: str) -> dict | None:
         entry = self.entries.get(stage)
-        if entry and entry["fingerprint"] == fingerprint and all(Path(p).exists() for p in entry["outputs"]):
+        # a stage that failed (an export's gate) runs again: the fix may be in code the fingerprint cannot see
+        if entry and entry["fingerprint"] == fingerprint and not entry["summary"].get("failed") \
+                and all(Path(p).exists() for p in entry["outputs"]):
             return entry
         return None
 
@@ -191,7 +193,7 @@ def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log):
                          "parity": {k: parity.get(k) for k in ("passed", "failures")}}
         log(f"[export] {name}: {results[name]['verdict']} ({results[name]['size_bytes'] / 1e6:.3f} MB) -> {result.onnx_path}")
     outputs = [r["path"] for r in results.values() if r["passed"]]
-    return outputs, {"onnx": results}
+    return outputs, {"onnx": results, "failed": not all(r["passed"] for r in results.values())}
 
 
 def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):

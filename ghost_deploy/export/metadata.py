@@ -41,7 +41,7 @@ def set_metadata(model: onnx.ModelProto, values: dict) -> dict[str, str]:
     """Replace all metadata_props with `values` (keys without the prefix) plus the format and the hash."""
     metadata = {f"{PREFIX}format": FORMAT}
     for key, value in values.items():
-        metadata[PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
+        metadata[PREFIX + key] = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     metadata[HASH_KEY] = content_sha256(model, metadata)
     del model.metadata_props[:]
     for key in sorted(metadata):

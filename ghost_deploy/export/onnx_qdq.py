@@ -168,8 +168,8 @@ def act_qdq_nodes(base: str, source: str, target: str, act: ActSpec, needs_clip:
     quantized = unique_name(f"{base}.input_quantized", taken)
     nodes.append(helper.make_node(QUANTIZE, [q_input, scale_name, zp_name], [quantized],
                                   name=unique_name(f"{base}.input_q", taken), doc_string=doc))
-    nodes.append(helper.make_node(DEQUANTIZE, [quantized, scale_name, zp_name], [target],
-                                  name=unique_name(f"{base}.input_dq", taken), doc_string=doc))
+    nodes.append(helper.make_node(DEQUANTIZE, [quantized, scale_name, zp_name], [target],  # its Q says it all
+                                  name=unique_name(f"{base}.input_dq", taken)))
     return nodes, inits
 
 
