@@ -165,7 +165,7 @@ def test_load_our_onnx_refuses_foreign_and_edited_models(exported, tmp_path):
     plan_edit = onnx.load(str(source))
     for prop in plan_edit.metadata_props:
         if prop.key == "ghost.bit_plan":
-            prop.value = prop.value.replace('"weight_bits": 3', '"weight_bits": 2', 1)
+            prop.value = prop.value.replace('"weight_bits":3', '"weight_bits":2', 1)
     onnx.save(plan_edit, str(tmp_path / "plan.onnx"))
     with pytest.raises(UserError, match="changed after export"):
         load_our_onnx(tmp_path / "plan.onnx")
