@@ -20,8 +20,8 @@ from .. import __version__
 from ..errors import ParityError, UserError
 from ..io import sha256_file, write_json_atomic
 from . import onnx_qdq, torch_graph
-from .graph import name_tensors_after_nodes
 from .checks import bits_preserved, quantization_signature, signature_changes
+from .graph import name_tensors_after_nodes
 from .lint import Finding, errors, lint_qdq
 from .metadata import load_our_onnx, read_metadata, set_metadata
 

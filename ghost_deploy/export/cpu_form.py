@@ -236,7 +236,7 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     graph.initializer.extend(new_inits)
     _expand_weight_codes(model, set(summary.integer_convs) | set(summary.float_stem_convs))
     _dequantize_float_conv_weights(model, set(summary.float_convs))
-    summary.dropped_code_clips = _drop_proven_code_clips(model)
+    summary.dropped_code_clips = _drop_proven_code_clips(model, {nodes[1].name for _, nodes in insertions})
     _drop_unused_initializers(model)
     del model.graph.value_info[:]  # types of re-encoded tensors changed (s8 -> u8); shape inference redoes them
     return summary
@@ -330,9 +330,9 @@ def code_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
         op = node.op_type
         if op == QUANTIZE and not index.is_constant(node.input[0]):
             scale = float(index.constant(node.input[1]))
-            zero_point = int(index.constant(node.input[2])) if len(node.input) > 2 else 0
-            dtype = index.constant(node.input[2]).dtype if len(node.input) > 2 else np.dtype(np.uint8)
-            type_low, type_high = np.iinfo(dtype).min, np.iinfo(dtype).max
+            zero_point = index.constant(node.input[2]) if len(node.input) > 2 else np.uint8(0)
+            type_low, type_high = np.iinfo(zero_point.dtype).min, np.iinfo(zero_point.dtype).max
+            zero_point = int(zero_point)
             low, high = of(node.input[0])
             # round-half-even(v) lies in [ceil(v - 0.5), floor(v + 0.5)]
             code_low = np.ceil(low / scale - 0.5 - _CODE_SLACK) + zero_point if np.isfinite(low) else type_low
@@ -362,13 +362,13 @@ def code_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def _drop_proven_code_clips(model: onnx.ModelProto) -> list[str]:
-    """Remove the code clips this pass wrote where `code_ranges` proves the codes already lie inside."""
+def _drop_proven_code_clips(model: onnx.ModelProto, code_clips: set[str]) -> list[str]:
+    """Remove the code clips this pass wrote (node names) where `code_ranges` proves the codes already lie inside."""
     index = GraphIndex(model)
     ranges = code_ranges(model)
     dropped, rewire = [], {}
     for node in model.graph.node:
-        if node.op_type != "Clip" or not node.name.endswith("_code_clip"):
+        if node.name not in code_clips:
             continue
         low, high = ranges.get(node.input[0], (-np.inf, np.inf))
         if low >= float(index.constant(node.input[1])) and high <= float(index.constant(node.input[2])):
