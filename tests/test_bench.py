@@ -401,7 +401,7 @@ def test_exported_onnx_metadata_is_read(workdir, tmp_path):
     model = onnx.load(str(workdir["onnx"]))
     assert head_spec_from_onnx(workdir["onnx"]) is None and onnx_precision(workdir["onnx"]) == "fp32"
     teacher = read_meta(workdir["teacher"])
-    values = {"precision": "qdq", "target": "cpu", "int4_layers": "[]", "nc": "5", "names": json.dumps(NAMES),
+    values = {"precision": "qdq", "target": "cpu", "int4_weights": "false", "nc": "5", "names": json.dumps(NAMES),
               "input_names": '["rgb", "ir"]', "img_size": str(IMG), "strides": json.dumps(teacher["strides"]),
               "anchors": json.dumps(teacher["anchors_pixels"])}
     for key, value in values.items():

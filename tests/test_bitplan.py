@@ -72,6 +72,8 @@ def test_hand_edited_plan_loads(mixed_plan, tmp_path, tiny):
     (lambda d: d["layers"].pop("model.7.conv"), r"'model\.7\.conv' is missing"),
     (lambda d: d["layers"]["model.2.cv2.conv"].__setitem__("act_bits", 4), r"'model\.2\.cv2\.conv'.*same tensor 'model_1'"),
     (lambda d: d["layers"]["model.5.conv"].__setitem__("wieght_bits", 4), r"'model\.5\.conv'.*unknown key 'wieght_bits'"),
+    (lambda d: [d["layers"][name].__setitem__("act_bits", 6) for name in ("model.13.cv1.conv", "model.13.cv2.conv")],
+     r"'model\.13\.cv1\.conv'.*act_bits 6.*'model\.7\.conv'.*activation quantizer 'model_6'"),
 ])
 def test_loader_rejects_bad_plans_naming_file_and_layer(mixed_plan, tmp_path, tiny, edit, message):
     data = mixed_plan.to_dict()

@@ -55,8 +55,12 @@ def test_qdq_counts_and_types(exported):
     weight_dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     quantize = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert len(weight_dq) == len(layers) == 62
-    # one Q/DQ pair per activation quantizer: readers of one tensor share it
-    assert len(quantize) == len(model.act_quantizers) and len(quantize) < len(layers)
+    # one Q/DQ pair per quantized tensor: readers of one tensor share it; a scale group (a neck Concat and its
+    # inputs) has one quantizer and a pair on each of its tensors, with that quantizer's scale
+    tensors = {layer.input_tensor for layer in model.bit_plan.layers.values() if layer.act_bits != 32}
+    assert len(quantize) == len(tensors) > len(model.act_quantizers) and len(quantize) < len(layers)
+    scales = {float(numpy_helper.to_array(inits[q.input[1]])) for q in quantize}
+    assert scales == {float(q.scale.detach()) for q in model.act_quantizers.values()}
     consumers = {}
     for node in graph.graph.node:
         for name in node.input:

@@ -139,6 +139,51 @@ def test_readers_of_one_tensor_share_one_quantizer_saved_once(tiny_plan, tmp_pat
     assert torch.equal(load_file(tmp_path / "q.safetensors")["act_quantizers.model_1.scale"], shared.scale.detach())
 
 
+def test_a_neck_concat_and_its_inputs_share_one_scale(tiny_plan):
+    model = quantized_tiny(tiny_plan)
+    layers = dict(quant_layers(model))
+    # model_4 feeds model.5 and the Concat of layer 16 (read by model.17), whose other input comes from
+    # model_14, which is also concatenated into layer 19 (read by model.20): one scale for all of them.
+    assert tiny_plan.layers["model.17.cv1.conv"].input_tensor == "model_16"
+    for name in ("model.5.conv", "model.17.cv1.conv", "model.17.cv2.conv", "model.20.cv1.conv"):
+        assert tiny_plan.layers[name].act_quantizer == "model_4"
+        assert layers[name].input_quantizer is model.act_quantizers["model_4"]
+    for name in ("model.7.conv", "model.13.cv1.conv", "model.23.cv2.conv"):
+        assert layers[name].input_quantizer is model.act_quantizers["model_6"]
+    assert "model_12" not in model.act_quantizers and "model_16" not in model.act_quantizers
+    # so quantizing the Concat is quantizing its inputs: model.4's output has one exact quantizer
+    model.eval()
+    features = model.forward_features(*images())[1]
+    quantizer = model.act_quantizers["model_4"]
+    concat = torch.cat([features[15], features[4]], dim=1)
+    assert torch.equal(quantizer(concat), torch.cat([quantizer(features[15]), quantizer(features[4])], dim=1))
+
+
+def test_plans_without_scale_groups_keep_one_quantizer_per_tensor(tiny_plan):
+    """Checkpoints written before scale groups load as they were trained: one scale per tensor."""
+    from ghost_deploy.quant import BitPlan
+
+    data = tiny_plan.to_dict()
+    for entry in data["layers"].values():
+        del entry["act_quantizer"]
+    old_plan = BitPlan.from_dict(data)
+    torch.manual_seed(0)
+    model = quantize_model(ghost_deploy.build_model("ghost-n", nc=5, input_mode="rgb+ir"), old_plan)
+    assert {"model_4", "model_16", "model_19", "model_6", "model_12", "model_22"} <= set(model.act_quantizers)
+    layers = dict(quant_layers(model))
+    assert layers["model.17.cv1.conv"].input_quantizer is model.act_quantizers["model_16"]
+    assert layers["model.5.conv"].input_quantizer is not layers["model.17.cv1.conv"].input_quantizer
+
+
+def test_readers_of_one_tensor_cannot_be_split_across_quantizers(tiny_plan):
+    from ghost_deploy.quant import BitPlan
+
+    data = tiny_plan.to_dict()
+    data["layers"]["model.2.cv2.conv"]["act_quantizer"] = "elsewhere"
+    with pytest.raises(UserError, match=r"'model\.2\.cv2\.conv'.*act_quantizer 'elsewhere'.*same tensor 'model_1'"):
+        BitPlan.from_dict(data)
+
+
 def test_copies_keep_sharing_inside_the_copy(tiny_plan):
     model = quantized_tiny(tiny_plan, calibrate=False)
     clone = copy.deepcopy(model)
@@ -275,8 +320,10 @@ def test_eval_activation_quantizers_trace_to_one_qdq_pair_per_tensor(tiny_plan, 
         warnings.simplefilter("ignore")
         torch.onnx.export(model, x, str(path), opset_version=13, dynamo=False)
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
-    # One QuantizeLinear per quantized tensor: shared readers (C3, Bottleneck skip, Detect + stride-2 conv) reuse it.
-    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == len(model.act_quantizers)
+    # One QuantizeLinear per quantized tensor: shared readers (C3, Bottleneck skip, Detect + stride-2 conv) reuse it;
+    # the tensors of one scale group (a neck Concat and its inputs) each get their own pair, on one quantizer.
+    tensors = {layer.input_tensor for layer in tiny_plan.layers.values() if layer.act_bits != 32}
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == len(tensors) > len(model.act_quantizers)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), x)})
     with torch.no_grad():

@@ -40,7 +40,8 @@ def onnx_precision(path: str | os.PathLike) -> str:
     if metadata.get("ghost.precision") == "fp32":
         return "fp32"
     if metadata.get("ghost.precision") == "qdq":
-        int4 = metadata.get("ghost.int4_layers", "[]") not in ("[]", "", "null")
+        int4 = (metadata.get("ghost.int4_weights") == "true"
+                or metadata.get("ghost.int4_layers", "[]") not in ("[]", "", "null"))  # older exports: the layer list
         return ("int4w-qdq" if int4 else "int8-qdq") + ("-cpu" if metadata.get("ghost.target") == "cpu" else "")
     if any(init.data_type in int4_types for init in graph.initializer):
         return "int4w-qdq"

@@ -141,7 +141,7 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
         "input_mode": str(meta["input_mode"]), "input_names": input_names, "img_size": img_size,
         "strides": list(meta["strides"]), "anchors": meta["anchors_pixels"], "head_output_names": heads,
         "output_names": output_names, "bit_plan": None if fp32 else meta["bit_plan"],
-        "precision": "fp32" if fp32 else "qdq", "target": target, "int4_layers": int4_layers,
+        "precision": "fp32" if fp32 else "qdq", "target": target, "int4_weights": bool(int4_layers),
         "checkpoint_sha256": checkpoint_sha or "", "exporter": f"ghost-deploy {__version__}",
     })
     out_path.parent.mkdir(parents=True, exist_ok=True)

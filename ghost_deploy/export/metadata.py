@@ -5,7 +5,8 @@ metadata_props (all strings; JSON where structured):
   ghost.model, ghost.nc, ghost.names, ghost.input_mode, ghost.input_names, ghost.img_size
   ghost.strides, ghost.anchors (per head, w,h pairs in input pixels), ghost.head_output_names, ghost.output_names
   ghost.bit_plan          the BitPlan JSON ("null" for an FP32 export)
-  ghost.precision         "qdq" | "fp32";  ghost.target "trt" | "cpu";  ghost.int4_layers (JSON list)
+  ghost.precision         "qdq" | "fp32";  ghost.target "trt" | "cpu"
+  ghost.int4_weights      true: the weights of every layer at <= 4 bits in the bit plan are INT4 initializers
   ghost.checkpoint_sha256 of the checkpoint it came from;  ghost.exporter (package version)
   ghost.graph_sha256      sha256 of the graph, the opsets and every other ghost.* entry: an edited graph or
                           edited metadata no longer matches, so `load_our_onnx` refuses it.
@@ -26,7 +27,7 @@ FORMAT = "ghost-deploy/onnx/v1"
 PREFIX = "ghost."
 HASH_KEY = "ghost.graph_sha256"
 JSON_KEYS = ("names", "input_names", "strides", "anchors", "head_output_names", "output_names", "bit_plan",
-             "int4_layers", "nc", "img_size")
+             "int4_weights", "nc", "img_size")
 
 
 def content_sha256(model: onnx.ModelProto, metadata: dict[str, str]) -> str:

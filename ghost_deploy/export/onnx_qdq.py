@@ -113,6 +113,15 @@ def write_qdq(model: onnx.ModelProto, convs: dict[str, ConvSpec], acts: dict[str
     # Detect conv) each ran the shared quantizer on the same tensor, which is one Q/DQ in the graph.
     pairs: dict[tuple[str, str], str] = {}
     renames: dict[str, str] = {}
+    # A scale group's quantizer runs on several tensors (a neck Concat and its inputs): each pair is named and
+    # documented after the convs that read that tensor.
+    readers_of: dict[tuple[str, str], list[str]] = {}
+    conv_readers = {tensor: [n.name for n in graph.node if tensor in n.input and n.op_type == "Conv"]
+                    for tensor in (m.output[0] for m in markers)}
+    for marker in markers:
+        key = node_attribute(marker, "key")
+        key = key.decode() if isinstance(key, bytes) else key
+        readers_of.setdefault((key, marker.input[0]), []).extend(conv_readers[marker.output[0]])
     for marker in markers:
         key = node_attribute(marker, "key")
         key = key.decode() if isinstance(key, bytes) else key
@@ -126,11 +135,10 @@ def write_qdq(model: onnx.ModelProto, convs: dict[str, ConvSpec], acts: dict[str
             renames[target] = pairs[key, source]
             continue
         pairs[key, source] = target
-        base = act.readers[0] if act.readers else key
-        if any(k == key for k, _ in pairs if (k, _) != (key, source)):
-            base = f"{base}.{len([k for k, _ in pairs if k == key])}"
+        readers = [name for name in act.readers if name in readers_of[key, source]] or act.readers
+        base = readers[0] if readers else key
         needs_clip = act.bits < 8 or source not in nonneg
-        nodes, inits = act_qdq_nodes(base, source, target, act, needs_clip, taken)
+        nodes, inits = act_qdq_nodes(base, source, target, act, needs_clip, taken, readers)
         new_inits += inits
         for offset, new_node in enumerate(nodes):
             graph.node.insert(position + offset, new_node)
@@ -146,13 +154,15 @@ def write_qdq(model: onnx.ModelProto, convs: dict[str, ConvSpec], acts: dict[str
     return model
 
 
-def act_qdq_nodes(base: str, source: str, target: str, act: ActSpec, needs_clip: bool, taken: set[str]):
-    """[Clip] -> Q -> DQ for one activation quantizer, reading `source` and producing `target`."""
+def act_qdq_nodes(base: str, source: str, target: str, act: ActSpec, needs_clip: bool, taken: set[str],
+                  readers: list[str] | None = None):
+    """[Clip] -> Q -> DQ for one activation quantizer, reading `source` and producing `target` for `readers`."""
     scale_name = unique_name(f"{base}.input_scale", taken)
     zp_name = unique_name(f"{base}.input_zero_point", taken)
     inits = [numpy_helper.from_array(np.array(act.scale, np.float32), scale_name),
              numpy_helper.from_array(np.array(0, np.int8), zp_name)]
-    doc = f"activation quantizer {act.key}: {act.bits}-bit signed, scale {act.scale:.6g}, read by {', '.join(act.readers)}"
+    doc = (f"activation quantizer {act.key}: {act.bits}-bit signed, scale {act.scale:.6g}, "
+           f"read by {', '.join(readers or act.readers)}")
     nodes = []
     q_input = source
     if needs_clip:
@@ -261,7 +271,6 @@ def store_int4_weights(model: onnx.ModelProto, convs: dict[str, ConvSpec]) -> li
         codes = index.constant(dq.input[0])
         replaced[dq.input[0]] = int_initializer(dq.input[0], codes, int4=True)
         replaced[dq.input[2]] = int_initializer(dq.input[2], np.zeros(codes.shape[0], np.int8), int4=True)
-        dq.doc_string = dq.doc_string + " (INT4 container)"
         layers.append(node.name)
     for i, init in enumerate(model.graph.initializer):
         if init.name in replaced:

@@ -20,7 +20,8 @@ FLOAT_BITS = 32
 MIN_BITS, MAX_BITS = 2, 8
 # Bytes of one float parameter (bias, per-channel scale) in the deployed model.
 FLOAT_BYTES = 4
-LAYER_KEYS = ("weight_bits", "act_bits", "params", "macs", "criterion", "input_tensor", "out_channels", "bias_params")
+LAYER_KEYS = ("weight_bits", "act_bits", "params", "macs", "criterion", "input_tensor", "act_quantizer", "out_channels",
+              "bias_params")
 
 
 @dataclass
@@ -30,13 +31,21 @@ class LayerPlan:
     params: int  # weight elements
     macs: int  # multiply-accumulates per image at the plan's image size
     criterion: str = ""  # why these bits, e.g. "kmeans D(4)=0.07<0.1"
-    input_tensor: str = ""  # name of the tensor / activation quantizer feeding the conv
+    input_tensor: str = ""  # name of the tensor feeding the conv
+    # The activation quantizer (one scale) it reads through: shared across a Concat and its inputs (trace.py).
+    # "" (plans written before scale groups): one quantizer per tensor, named input_tensor.
+    act_quantizer: str = ""
     out_channels: int = 0
     bias_params: int = 0  # float bias after BN folding (or the conv's own bias)
 
     def __post_init__(self):
         self.weight_bits = FLOAT_BITS if self.weight_bits is None else self.weight_bits
         self.act_bits = FLOAT_BITS if self.act_bits is None else self.act_bits
+
+    @property
+    def quantizer_key(self) -> str:
+        """Key of its input quantizer in `model.act_quantizers`."""
+        return self.act_quantizer or self.input_tensor
 
     @property
     def input_bits(self) -> int:
@@ -152,6 +161,7 @@ def _parse_layer(name: str, entry, source: str | None) -> LayerPlan:
         values[key] = value
     values["criterion"] = str(entry.get("criterion", ""))
     values["input_tensor"] = str(entry.get("input_tensor", ""))
+    values["act_quantizer"] = str(entry.get("act_quantizer", ""))
     return LayerPlan(**values)
 
 
@@ -164,15 +174,22 @@ def _parse_bits(name: str, key: str, value, source: str | None) -> int:
 
 
 def _check_shared_inputs(plan: BitPlan) -> None:
-    """Readers of one tensor share one quantizer, so they must agree on its bits."""
-    seen: dict[str, tuple[str, int]] = {}
+    """Readers of one tensor share one quantizer, and readers of one quantizer must agree on its bits."""
+    tensor_quantizer: dict[str, tuple[str, str]] = {}
+    quantizer_bits: dict[str, tuple[str, int]] = {}
     for name, layer in plan.layers.items():
         if not layer.input_tensor:
             continue
-        first = seen.setdefault(layer.input_tensor, (name, layer.act_bits))
+        first = tensor_quantizer.setdefault(layer.input_tensor, (name, layer.quantizer_key))
+        if first[1] != layer.quantizer_key:
+            raise UserError(plan.source, f"layer {name!r}: act_quantizer {layer.quantizer_key!r} differs from {first[0]!r} "
+                                         f"({first[1]!r}), which reads the same tensor {layer.input_tensor!r}")
+        first = quantizer_bits.setdefault(layer.quantizer_key, (name, layer.act_bits))
         if first[1] != layer.act_bits:
+            shared = (f"reads the same tensor {layer.input_tensor!r}" if layer.quantizer_key == layer.input_tensor
+                      else f"shares activation quantizer {layer.quantizer_key!r} (set act_quantizer to split them)")
             raise UserError(plan.source, f"layer {name!r}: act_bits {layer.act_bits} differs from {first[0]!r} "
-                                         f"({first[1]}), which reads the same tensor {layer.input_tensor!r}")
+                                         f"({first[1]}), which {shared}")
 
 
 def check_plan_against_model(plan: BitPlan, model) -> None:
@@ -209,7 +226,7 @@ def size_mb(plan: BitPlan, conv_weights_only: bool = False) -> float:
             total += FLOAT_BYTES * layer.out_channels
         total += FLOAT_BYTES * layer.bias_params
         if layer.act_bits != FLOAT_BITS:
-            tensors.add(layer.input_tensor)
+            tensors.add(layer.quantizer_key)
     total += FLOAT_BYTES * len(tensors)
     return total / 1e6
 
@@ -307,6 +324,7 @@ def plan_from_bits(model, weight_bits: dict[str, int | None] | int | None, act_b
         layers[site.name] = LayerPlan(
             weight_bits=bits, act_bits=act_bits, params=site.params, macs=site.macs,
             criterion=(criteria or {}).get(site.name, method), input_tensor=site.input_tensor,
+            act_quantizer=site.act_quantizer,
             out_channels=site.out_channels, bias_params=site.bias_params,
         )
     return BitPlan(layers=layers, method=method, model_name=model_name(model),

@@ -5,7 +5,8 @@
 - Activations: per tensor, signed b-bit (8 by default: [-128, 127] like TensorRT's Q), one learned scale
   (LSQ), calibrated from data.
 - Placement: the *input* of every conv is quantized (TensorRT's recommended Q/DQ placement). Convs that read
-  the same tensor share one ActQuantizer, held once in `model.act_quantizers` (ModuleDict keyed by tensor name).
+  the same tensor share one ActQuantizer, held once in `model.act_quantizers` (ModuleDict keyed by tensor name,
+  or by scale group: one quantizer across a Concat and its inputs, see quant/trace.py).
 
 Both paths compute round(x * (1/s)) like `torch.fake_quantize_*` and TensorRT (reciprocal scale), so train
 and eval forwards, the exported codes and the traced Q/DQ ops agree bit for bit.
@@ -323,7 +324,8 @@ def quantize_model(model: nn.Module, plan, calib_batches: Iterable | None = None
     """Insert quantizers per `plan` (a BitPlan), in place; returns the model.
 
     Every conv in the plan becomes a QuantConv2d (a layer with weight and input both float stays nn.Conv2d).
-    Readers of one tensor share one ActQuantizer in `model.act_quantizers[<tensor name>]`. When a block
+    Readers of one tensor share one ActQuantizer in `model.act_quantizers[<key>]`, the key being the plan's
+    `act_quantizer` (one scale across a Concat and its inputs) or, for plans without it, the tensor's name. When a block
     receives that tensor as its own input (C3 for cv1+cv2, a Bottleneck for cv1 + the residual add), the
     block quantizes it once in a forward pre-hook, so the skip add reads the same Q/DQ tensor as cv1.
     """
@@ -334,18 +336,20 @@ def quantize_model(model: nn.Module, plan, calib_batches: Iterable | None = None
     sites = {site.name: site for site in trace.sites}
     _check_plan_matches(plan, sites)
 
+    keys = _quantizer_keys(plan, trace.sites)
     groups: dict[str, list[str]] = {}
     for site in trace.sites:
-        groups.setdefault(site.input_tensor, []).append(site.name)
+        groups.setdefault(keys[site.name], []).append(site.name)
     holder = nn.ModuleDict()
-    for tensor_name, readers in groups.items():
+    for key, readers in groups.items():
         bits = {_bits_or_none(plan.layers[name].act_bits) for name in readers}
         if len(bits) > 1:
             shown = ", ".join(f"{name}={plan.layers[name].act_bits}" for name in readers)
-            raise UserError(plan.source, f"layers reading tensor {tensor_name!r} must have the same act_bits ({shown})")
+            raise UserError(plan.source, f"layers reading through activation quantizer {key!r} must have the same "
+                                         f"act_bits ({shown})")
         (bits,) = bits
         if bits is not None:
-            holder[tensor_name] = ActQuantizer(bits)
+            holder[key] = ActQuantizer(bits)
     setattr(model, ACT_QUANTIZERS, holder)
 
     for site in trace.sites:
@@ -353,7 +357,7 @@ def quantize_model(model: nn.Module, plan, calib_batches: Iterable | None = None
         weight_bits, act_bits = _bits_or_none(entry.weight_bits), _bits_or_none(entry.act_bits)
         if weight_bits is None and act_bits is None:
             continue
-        quantizer = holder[site.input_tensor] if act_bits is not None else None
+        quantizer = holder[keys[site.name]] if act_bits is not None else None
         qconv = QuantConv2d(site.module, weight_bits, act_bits, quantizer, scale_init=scale_init)
         parent_name, _, attr = site.name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, qconv)
@@ -363,6 +367,20 @@ def quantize_model(model: nn.Module, plan, calib_batches: Iterable | None = None
     if calib_batches is not None:
         calibrate_activations(model, calib_batches, method=calib_method)
     return model
+
+
+def _quantizer_keys(plan, sites) -> dict[str, str]:
+    """{conv: key of its input quantizer}: the plan's scale group, or the tensor's own name for plans without
+    groups; readers of one tensor must end up on one quantizer."""
+    keys, by_tensor = {}, {}
+    for site in sites:
+        key = plan.layers[site.name].act_quantizer or site.input_tensor
+        first = by_tensor.setdefault(site.input_tensor, (site.name, key))
+        if first[1] != key:
+            raise UserError(plan.source, f"layer {site.name!r}: act_quantizer {key!r} differs from {first[0]!r} "
+                                         f"({first[1]!r}), which reads the same tensor")
+        keys[site.name] = key
+    return keys
 
 
 def _bits_or_none(bits) -> int | None:

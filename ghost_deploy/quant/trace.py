@@ -4,6 +4,11 @@ The quantizer inventory, the bit plan and the BOPs count all need the same facts
 MACs per image, and the name of the tensor it reads. Convs that read the *same tensor object* (C3.cv1 and
 C3.cv2; a neck output feeding a Detect conv and the next stride-2 conv) share that tensor name, and later
 one activation quantizer.
+
+Tensors joined by an op that a per-tensor quantizer commutes with (Concat, MaxPool, nearest Upsample) form one
+*scale group*: quantized with one scale, Q(concat(a, b)) == concat(Q(a), Q(b)), so a conv whose output feeds
+both the next conv and a neck Concat has one exact output quantizer. TensorRT wants Concat inputs on one scale,
+and ONNX Runtime can then run that conv as an integer conv (`export.cpu_form`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class ConvSite:
     out_channels: int
     bias_params: int  # float per-channel bias after BN folding (or the conv's own bias)
     input_tensor: str  # readable name of the tensor feeding the conv (shared by all its readers)
+    act_quantizer: str = ""  # its scale group: the input_tensor of the group's first reader in model order
 
 
 @dataclass
@@ -35,6 +41,15 @@ class Trace:
     # module name -> label of the tensor it received as first input (equal labels = the same tensor object)
     module_inputs: dict[str, int] = field(default_factory=dict)
     conv_inputs: dict[str, int] = field(default_factory=dict)
+
+
+# Modules whose output may share its input's quantization scale exactly (they select, copy or take maxima).
+def _commutes_with_quantizer(module: nn.Module) -> bool:
+    from ..model.blocks import Concat
+
+    if isinstance(module, nn.Upsample):
+        return module.mode == "nearest"
+    return isinstance(module, (Concat, nn.MaxPool2d))
 
 
 def is_conv(module: nn.Module) -> bool:
@@ -82,6 +97,7 @@ def trace_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Trace:
     conv_input: dict[str, torch.Tensor] = {}
     conv_output: dict[str, torch.Size] = {}
     alive: list[torch.Tensor] = []  # keeps every traced tensor alive, so no id is reused during the pass
+    links: list[tuple[int, int]] = []  # (input id, output id) of ops that commute with a quantizer
 
     def record_input(module, args):
         if module is not model and module not in skipped and args and isinstance(args[0], torch.Tensor):
@@ -94,6 +110,10 @@ def trace_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Trace:
         if isinstance(output, torch.Tensor):
             alive.append(output)
             producers.setdefault(id(output), []).append(names[module])
+        if _commutes_with_quantizer(module) and isinstance(output, torch.Tensor):
+            sources = args[0] if isinstance(args[0], (list, tuple)) else args[:1]
+            alive.extend(sources)
+            links.extend((id(source), id(output)) for source in sources if isinstance(source, torch.Tensor))
         if is_conv(module):
             conv_input[names[module]] = args[0]
             conv_output[names[module]] = output.shape
@@ -129,7 +149,27 @@ def trace_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Trace:
                 input_tensor=_tensor_name(conv_input[name], name, producers, inputs),
             )
         )
+    _assign_scale_groups(sites, {name: id(tensor) for name, tensor in conv_input.items()}, links)
     return Trace(sites, module_inputs, {name: id(tensor) for name, tensor in conv_input.items()})
+
+
+def _assign_scale_groups(sites: list[ConvSite], conv_inputs: dict[str, int], links: list[tuple[int, int]]) -> None:
+    """Union-find over the links; each site's `act_quantizer` names its group after the group's first reader."""
+    parent: dict[int, int] = {}
+
+    def find(tensor: int) -> int:
+        while parent.get(tensor, tensor) != tensor:
+            parent[tensor] = parent.get(parent[tensor], parent[tensor])
+            tensor = parent[tensor]
+        return tensor
+
+    for a, b in links:
+        root_a, root_b = find(a), find(b)
+        if root_a != root_b:
+            parent[root_b] = root_a
+    group_names: dict[int, str] = {}
+    for site in sites:
+        site.act_quantizer = group_names.setdefault(find(conv_inputs[site.name]), site.input_tensor)
 
 
 def trace_convs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[ConvSite]:
