@@ -1,6 +1,7 @@
 """Orchestration: the stages in order, each reading the previous stage's artifact from one run folder."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from .errors import UserError
@@ -62,15 +63,27 @@ def _record_ddp_agreement(results: dict, out: Path, rank: int, log) -> None:
 STAGES = ("teacher", "ghost", "export", "engine", "bench")
 
 
+@functools.lru_cache(maxsize=1)
+def code_sha256() -> str:
+    """sha256 of the package's own source: a stage re-runs after any code change, not only a version bump."""
+    import hashlib
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _fingerprint(*parts) -> str:
-    """Hash of a stage's inputs: the recipe, the code version, and the sha256 of the files it reads."""
+    """Hash of a stage's inputs: the recipe, the code (version and source), and the sha256 of the files it reads."""
     import hashlib
     import json
 
     from . import __version__
     from .io import sha256_file
 
-    digest = hashlib.sha256(__version__.encode())
+    digest = hashlib.sha256(f"{__version__}:{code_sha256()}".encode())
     for part in parts:
         if isinstance(part, Path):
             digest.update(sha256_file(part).encode() if part.is_file() else str(part).encode())
@@ -90,7 +103,8 @@ class _StageLedger:
 
     def fresh(self, stage: str, fingerprint: str) -> dict | None:
         entry = self.entries.get(stage)
-        # a stage that failed (an export's gate) runs again: the fix may be in code the fingerprint cannot see
+        # a stage that failed (an export's gate) runs again: the fix may lie outside what the fingerprint sees
+        # (an installed library, the machine)
         if entry and entry["fingerprint"] == fingerprint and not entry["summary"].get("failed") \
                 and all(Path(p).exists() for p in entry["outputs"]):
             return entry

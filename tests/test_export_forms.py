@@ -165,6 +165,9 @@ def test_int4_storage_is_smaller_and_exact(root):
         expected = TensorProto.INT4 if bits[name] <= 4 else TensorProto.INT8
         assert inits[dq.input[0]].data_type == expected, name
     assert sorted(int4.report["int4_layers"]) == sorted(n for n in names if bits[n] <= 4)
+    from ghost_deploy.bench.sizes import onnx_precision  # the bench labels each file from its metadata
+
+    assert (onnx_precision(int4.onnx_path), onnx_precision(int8.onnx_path)) == ("int4w-qdq", "int8-qdq")
     assert {row["status"] for row in int4.layers} == {"bits preserved"}
     assert {row["container"] for row in int4.layers} == {"INT4", "INT8"}
     assert "weight-only" in int4.report["notes"][0] and "MatMul/GEMM" in int4.report["notes"][0]

@@ -13,3 +13,14 @@ def test_a_failed_stage_is_never_skipped(tmp_path):
     ledger.record("export", "abc", [out], {"onnx": {}, "failed": False})
     assert _StageLedger(tmp_path).fresh("export", "abc")["fingerprint"] == "abc"
     assert _StageLedger(tmp_path).fresh("export", "other") is None
+
+
+def test_a_code_change_changes_every_fingerprint(monkeypatch):
+    """Stages that passed re-run after the package's source changes, even at the same version number."""
+    from ghost_deploy import pipeline
+
+    assert len(pipeline.code_sha256()) == 64
+    before = pipeline._fingerprint("teacher", {"epochs": 1})
+    assert pipeline._fingerprint("teacher", {"epochs": 1}) == before
+    monkeypatch.setattr(pipeline, "code_sha256", lambda: "edited")
+    assert pipeline._fingerprint("teacher", {"epochs": 1}) != before
