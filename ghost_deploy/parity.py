@@ -10,6 +10,12 @@
   its bit widths. A layer is over budget when cosine < min_cosine or its relative L2 error
   ||a - b|| / ||a|| > sqrt(2 (1 - min_cosine)) (the same bound for vectors of equal length, and unlike the
   cosine it also sees a wrong scale).
+- Noise floor (on a failed gate, or with --per-layer): how far this model's outputs move under float32 rounding
+  alone. Every layer's own PyTorch-vs-ORT difference (the localisation's "conv" error) is injected as random
+  noise of that size into PyTorch, a few times, and each noisy run is put through the same gate against the
+  clean reference. A quantized network amplifies a rounding flip at a code boundary layer after layer, so a
+  model whose noisy PyTorch runs fail the budgets too is at its noise floor: the gate failed on rounding, not
+  on a wrong layer. The verdict does not change (over budget is over budget); the report says which it is.
 """
 from __future__ import annotations
 
@@ -454,3 +460,88 @@ def localise(reference_model, onnx_model, inputs: dict[str, np.ndarray], layer_b
             notes.append("no layer differs on its own; the drift starts at the first layer listed (look at the "
                          "ops between it and the previous conv: Add, Concat, Resize, MaxPool)")
     return LayerReport(rows, first, rel_budget, budgets.min_cosine, notes)
+
+
+# --------------------------------------------------------------------------------------------- noise floor
+NOISE_FLOOR_TRIALS = 6
+
+
+class NoisyTorchRunner(TorchRunner):
+    """A TorchRunner adding Gaussian noise to some submodules' outputs: std = relative size * RMS of the output."""
+
+    def __init__(self, module, input_names, output_names, noisy_modules: list[tuple[object, float]], seed: int):
+        super().__init__(module, input_names, output_names)
+        import torch
+
+        self.noisy_modules = [(m, relative) for m, relative in noisy_modules if relative > 0]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        def add_noise(relative):
+            def hook(module, args, output):
+                rms = output.detach().pow(2).mean().sqrt()
+                return output + relative * rms * torch.randn(output.shape, generator=self.generator).to(output)
+            return hook
+
+        handles = [m.register_forward_hook(add_noise(relative)) for m, relative in self.noisy_modules]
+        try:
+            return super().infer(feed)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@dataclass
+class NoiseFloor:
+    """Noisy-PyTorch runs through the gate: how often this model passes its budgets on rounding noise alone."""
+
+    relative_noise: dict[str, float]
+    trials: list[dict]
+
+    @property
+    def passed_trials(self) -> int:
+        return sum(trial["passed"] for trial in self.trials)
+
+    @property
+    def at_noise_floor(self) -> bool:
+        """Some noisy PyTorch runs fail the same budgets: float32 rounding alone can fail this gate."""
+        return self.passed_trials < len(self.trials)
+
+    def to_dict(self) -> dict:
+        return {"relative_noise": self.relative_noise, "trials": self.trials, "passed_trials": self.passed_trials,
+                "at_noise_floor": self.at_noise_floor}
+
+    def summary(self) -> str:
+        noise = [v for v in self.relative_noise.values() if v > 0]
+        worst_cosine = min(trial["min_cosine"] for trial in self.trials)
+        worst_delta = max(trial["max_score_delta"] for trial in self.trials)
+        verdict = ("at this model's float32 noise floor: rounding alone moves its outputs this much"
+                   if self.at_noise_floor else "beyond rounding noise: look at the layers above")
+        return (f"noise floor: PyTorch with each layer's own float difference injected (relative "
+                f"{min(noise, default=0):.1e}..{max(noise, default=0):.1e}) passes these budgets in "
+                f"{self.passed_trials} of {len(self.trials)} runs (worst cosine {worst_cosine:.6f}, score delta up to "
+                f"{worst_delta:.4f}): {verdict}")
+
+
+def noise_floor(reference_module, detector, parity_set, layer_report: LayerReport, budgets: Budgets,
+                trials: int = NOISE_FLOOR_TRIALS) -> NoiseFloor:
+    """Run the gate `trials` times on `reference_module` (what made the parity set's outputs) with the per-layer
+    float differences of `layer_report` injected into `detector`'s layers (its submodules, by the report's names)."""
+    from .engines.bundle import run_parity
+
+    # Only rounding-sized differences are noise: a layer over budget on its own (a wrong scale) is left out.
+    relative_noise = {row["name"]: float(row["conv"]["relative_error"]) for row in layer_report.layers
+                      if row.get("conv") and not row["over_budget"] and math.isfinite(row["conv"]["relative_error"])}
+    noisy = [(layer_output_module(detector, name), relative) for name, relative in relative_noise.items()]
+    results = []
+    for seed in range(trials):
+        runner = NoisyTorchRunner(reference_module, parity_set.input_names, parity_set.output_names, noisy, seed)
+        report = run_parity(parity_set, runner, budgets).to_dict()
+        cosines = [o["min_cosine_per_image"] for o in report["outputs"].values() if o.get("min_cosine_per_image") is not None]
+        detections = report.get("detections") or {}
+        results.append({"seed": seed, "passed": bool(report["passed"]), "min_cosine": min(cosines, default=1.0),
+                        "max_score_delta": float(detections.get("max_score_delta") or 0.0),
+                        "failures": list(report["failures"])})
+    return NoiseFloor(relative_noise, results)

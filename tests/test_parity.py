@@ -77,6 +77,11 @@ def test_corrupted_weight_scale_fails_the_export_and_is_localised(setup, monkeyp
     assert first["weight_bits"] == bits
     upstream = [row for row in report["parity"]["per_layer"]["layers"]][:5]
     assert all(not row["over_budget"] for row in upstream)
+    # PyTorch with every other layer's float difference injected still passes: this is no rounding noise
+    floor = report["parity"]["noise_floor"]
+    assert floor["at_noise_floor"] is False and floor["passed_trials"] == len(floor["trials"]) > 1
+    assert target not in floor["relative_noise"] and len(floor["relative_noise"]) > 40
+    assert "beyond the model's float32 noise floor" in outcome.output
 
 
 def test_corrupted_input_scale_is_localised_to_its_quantizer(setup):
@@ -110,6 +115,31 @@ def test_impossible_budget_raises_parity_error_with_report(setup, tmp_path):
         export_onnx(checkpoint, tmp_path / "strict.onnx", parity_images=setup["images"], progress=False)
     assert caught.value.report["passed"] is False
     assert (tmp_path / "strict.FAILED.onnx").is_file() and (tmp_path / "strict.export.json").is_file()
+    # a budget PyTorch itself cannot meet under its own rounding is reported as the model's noise floor
+    floor = caught.value.report["parity"]["noise_floor"]
+    assert floor["at_noise_floor"] is True and floor["passed_trials"] == 0
+    assert "at the model's float32 noise floor" in str(caught.value)
+
+
+def test_noise_floor_of_a_rounding_sensitive_model_is_measured(setup):
+    """Noise of a given relative size in every layer: outputs move, a tight cosine budget fails, a loose one passes."""
+    from ghost_deploy.compare import Budgets
+    from ghost_deploy.export.torch_graph import make_wrapper
+    from ghost_deploy.parity import LayerReport, noise_floor
+    from ghost_deploy.parityset import load_parity_set
+
+    parity_set = load_parity_set(setup["good"].parity_set_path)
+    model, meta = setup["model"], setup["meta"]
+    rows = [{"name": name, "conv": {"relative_error": 1e-3}, "over_budget": False}
+            for name in meta["bit_plan"]["layers"]]
+    layers = LayerReport(rows, None, 0.0, 0.9999)
+    wrapper = make_wrapper(model, meta, IMG, decode=False)
+    tight = noise_floor(wrapper, model, parity_set, layers, Budgets(min_cosine=0.9999999, score_threshold=2.0), trials=2)
+    loose = noise_floor(wrapper, model, parity_set, layers, Budgets(min_cosine=0.5, score_threshold=2.0), trials=2)
+    assert tight.at_noise_floor and tight.passed_trials == 0 and tight.trials[0]["min_cosine"] < 0.9999999
+    assert not loose.at_noise_floor and loose.passed_trials == 2
+    assert tight.trials[0]["min_cosine"] != tight.trials[1]["min_cosine"]  # each trial draws its own noise
+    assert "0 of 2 runs" in tight.summary() and "noise floor" in tight.summary()
 
 
 def test_parity_images_are_letterboxed_and_limited(tmp_path):

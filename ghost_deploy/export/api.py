@@ -50,6 +50,7 @@ class ExportResult:
     parity: object | None  # compare.ParityReport
     per_layer: object | None  # parity.LayerReport
     report: dict = field(default_factory=dict)
+    noise_floor: object | None = None  # parity.NoiseFloor, with the localisation
 
     @property
     def bits_preserved(self) -> dict[str, bool]:
@@ -148,11 +149,11 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     checking = out_path.with_name(f".{out_path.name}.{os.getpid()}.checking.onnx")
     onnx.save(graph, str(checking))
     try:
-        parity_report = layer_report = parity_set = parity_inputs = kernels_report = None
+        parity_report = layer_report = parity_set = parity_inputs = kernels_report = floor = None
         parity_note = "skipped (parity=False)"
         if parity:
-            from ..parity import (budgets_from_recipe, localise, parity_image_count, resolve_parity_inputs,
-                                  run_gate)
+            from ..parity import (budgets_from_recipe, localise, noise_floor, parity_image_count,
+                                  resolve_parity_inputs, run_gate)
 
             gate_started = time.perf_counter()
             budgets = budgets_from_recipe(meta.get("recipe"))
@@ -170,6 +171,8 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
                               for name, spec in convs.items()} if not fp32 else \
                              {name: (None, None) for name in _conv_names(reference)}
                 layer_report = localise(reference, graph, parity_inputs.inputs, layer_bits, budgets, exact=True)
+                floor = noise_floor(torch_graph.make_wrapper(reference, meta, img_size, decode), reference, parity_set,
+                                    layer_report, budgets)
             timings["parity_s"] = round(time.perf_counter() - gate_started, 3)
         passed = bits_ok and not lint_errors and (parity_report is None or parity_report.passed)
         final = out_path if passed else paths["failed"]
@@ -208,12 +211,14 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
                  "findings": [f.to_dict() for f in findings]},
         "parity": {"source": parity_note, "report": None if parity_report is None else parity_report.to_dict(),
                    "per_layer": None if layer_report is None else layer_report.to_dict(),
+                   "noise_floor": None if floor is None else floor.to_dict(),
                    "ort_integer_kernels": None if kernels_report is None else kernels_report.to_dict(),
                    "ort_integer_kernels_note": None if kernels_report is None else ORT_KERNELS_NOTE},
         "metadata_keys": sorted(metadata), "notes": [TENSORRT_INT4_NOTE], "timings": timings,
     }
     write_json_atomic(paths["report"], report)
-    result = ExportResult(final, paths["report"], parity_path, passed, layers, findings, parity_report, layer_report, report)
+    result = ExportResult(final, paths["report"], parity_path, passed, layers, findings, parity_report, layer_report, report,
+                          floor)
     if progress:
         log(format_report(result))
     if not passed:
@@ -362,6 +367,10 @@ def _failure_message(result: ExportResult) -> str:
         first = result.per_layer.first_over_budget if result.per_layer else None
         if first:
             parts.append(f"first layer over budget: {first['name']} (W{first['weight_bits']} A{first['act_bits']})")
+        if result.noise_floor is not None:
+            floor = result.noise_floor
+            parts.append(f"{'at the model' if floor.at_noise_floor else 'beyond the model'}'s float32 noise floor "
+                         f"({floor.passed_trials}/{len(floor.trials)} noisy PyTorch runs pass)")
     return f"{result.onnx_path}: " + "; ".join(parts) + f" (report: {result.report_path})"
 
 
@@ -400,6 +409,8 @@ def format_report(result: ExportResult) -> str:
         lines.append(f"parity: {report['parity']['source']}")
     if result.per_layer is not None:
         lines.append(result.per_layer.format_table())
+    if result.noise_floor is not None:
+        lines.append(result.noise_floor.summary())
     lines.append(f"{'PASSED' if result.passed else 'FAILED'}: {result.onnx_path} ({report['onnx_bytes'] / 1e6:.2f} MB, "
                  f"{report['timings']['total_s']:.1f} s); report {result.report_path}"
                  + (f"; parity set {result.parity_set_path}" if result.parity_set_path else ""))
