@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .compare import Budgets, ParityReport
+from .engines.runners import OrtRunner
 from .errors import UserError
 from .io import sha256_file
 
@@ -190,53 +191,11 @@ def run_in_chunks(runner, inputs: dict[str, np.ndarray], batch_size: int = 4) ->
     return {name: np.concatenate(values) for name, values in chunks.items()}
 
 
-class OrtGraphRunner:
-    """ONNX Runtime (CPU) behind the runner interface, optionally without its Q/DQ rewrites.
-
-    `exact=True` sets `session.disable_quant_qdq`: ORT then computes what the graph says (Q, DQ, float conv
-    with a float bias), which is also what TensorRT computes. With the rewrites on, ORT quantizes a conv's float
-    bias to int32 at scale s_in * s_w and may run integer kernels: its own approximation, right for measuring
-    the CPU form, wrong as the oracle for the TensorRT form.
-    """
-
-    def __init__(self, onnx_path, exact: bool = True, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.path = Path(onnx_path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # no busy-waiting worker threads: on a shared 2-core machine they fight the other processes
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if exact:
-            options.add_session_config_entry("session.disable_quant_qdq", "1")
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise UserError(self.path, f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self.output_names, {n: np.ascontiguousarray(feed[n]) for n in self.input_names})
-        return dict(zip(self.output_names, values))
-
-    def close(self) -> None:
-        self.session = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def run_gate(parity_set, onnx_path, budgets: Budgets, exact: bool = True) -> ParityReport:
     """ONNX Runtime on the parity set's inputs, compared with its reference outputs (engines' run_parity)."""
     from .engines.bundle import run_parity
 
-    with OrtGraphRunner(onnx_path, exact=exact) as runner:
+    with OrtRunner(onnx_path, exact=exact) as runner:
         return run_parity(parity_set, runner, budgets)
 
 
@@ -420,7 +379,7 @@ def localise(reference_model, onnx_model, inputs: dict[str, np.ndarray], layer_b
         path = Path(folder) / "layers.onnx"
         onnx.save(model, str(path))
         try:
-            with OrtGraphRunner(path, exact=exact) as runner, torch.no_grad():
+            with OrtRunner(path, exact=exact) as runner, torch.no_grad():
                 for index in range(count):
                     feed = {name: inputs[name][index:index + 1] for name in input_names}
                     captured.clear()

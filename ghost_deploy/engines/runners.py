@@ -14,7 +14,16 @@ from ghost_deploy.errors import UserError
 
 
 class OrtRunner:
-    def __init__(self, onnx_path: str | os.PathLike, providers=("CPUExecutionProvider",), threads: int | None = None):
+    """ONNX Runtime behind the runner interface.
+
+    `exact=True` (default) sets `session.disable_quant_qdq`: ORT then computes what the graph says (Q, DQ, a
+    float conv with a float bias), which is also what TensorRT computes. With the rewrites on, ORT quantizes a
+    conv's float bias to int32 at scale s_in * s_w and may run integer kernels: its own approximation, right for
+    measuring the CPU form, wrong as the oracle for the TensorRT form.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, providers=("CPUExecutionProvider",), threads: int | None = None,
+                 exact: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -23,8 +32,11 @@ class OrtRunner:
         if not self.path.is_file():
             raise UserError(self.path, "ONNX file not found")
         options = ort.SessionOptions()
-        # Run the Q/DQ graph as written (as TensorRT does): ORT's QDQ fusions round float biases to int32.
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        options.log_severity_level = 3
+        # no busy-waiting worker threads: on a shared machine they fight the other processes
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if exact:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         if threads:
             options.intra_op_num_threads = threads
         try:

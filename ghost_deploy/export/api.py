@@ -161,7 +161,7 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
             parity_inputs = resolve_parity_inputs(meta, img_size, count, parity_images, data)
             parity_set = _reference_parity_set(reference, meta, decode, img_size, input_names, output_names, heads,
                                                parity_inputs, budgets, output_scales, checkpoint_sha)
-            # the gate checks what the file computes (ORT's Q/DQ rewrites off); see parity.OrtGraphRunner
+            # the gate checks what the file computes (ORT's Q/DQ rewrites off); see engines.runners.OrtRunner
             parity_report = run_gate(parity_set, checking, budgets, exact=True)
             if target == "cpu":  # and, for information, what ORT's integer kernels make of it
                 kernels_report = run_gate(parity_set, checking, budgets, exact=False)
