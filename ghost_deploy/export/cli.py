@@ -55,7 +55,8 @@ def default_out_path(checkpoint: Path, fp32: bool, int4_weights: bool, target: s
 @click.option("--bit-plan", type=click.Path(), default=None,
               help="PTQ: bit plan JSON or a GHOST checkpoint whose plan to use (default: INT8 everywhere).")
 @click.option("--data", type=click.Path(), default=None, help="Dataset YAML for the parity images.")
-@click.option("--per-layer", is_flag=True, help="Compare every layer (automatic when the gate fails).")
+@click.option("--per-layer", is_flag=True,
+              help="Compare every layer and measure the model's float32 noise floor (automatic when the gate fails).")
 @click.option("--no-progress", is_flag=True, help="Print nothing but errors.")
 @_cli_errors
 def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, target, decode, no_parity, parity_images,
