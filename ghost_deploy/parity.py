@@ -55,6 +55,11 @@ def budgets_from_recipe(recipe: dict | None) -> Budgets:
     return Budgets.from_dict({k: v for k, v in values.items() if k in known})
 
 
+def parity_arithmetic(recipe: dict | None) -> str:
+    """Which comparison decides the gate: "float32" (default; checkpoints before 0.2.0 have no key) or "exact"."""
+    return str(((recipe or {}).get("parity") or {}).get("arithmetic", "float32"))
+
+
 def parity_image_count(recipe: dict | None, default: int = 8) -> int:
     count = ((recipe or {}).get("parity") or {}).get("images", default)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -49,8 +49,14 @@ DEFAULTS: dict = {
     },
     "eval": {"conf_thres": 0.001, "iou_thres": 0.6, "max_det": 300},
     "parity": {"min_cosine": 0.9999, "score_threshold": 0.25, "match_iou": 0.95, "max_score_delta": 0.02,
-               "allow_missing": 0, "allow_extra": 0, "images": 8},
+               "allow_missing": 0, "allow_extra": 0, "images": 8,
+               # which comparison decides the gate: "float32" (the graph as written, both sides summing in
+               # float32, as the issue defines it) or "exact" (both sides accumulating integer codes); both run
+               "arithmetic": "float32"},
 }
+
+
+PARITY_ARITHMETIC = ("float32", "exact")
 
 
 def _merge(base: dict, override: dict, where: str, path) -> dict:
@@ -85,6 +91,9 @@ def load_recipe(name_or_path: str | os.PathLike = "demo") -> dict:
     if unknown:
         raise UserError(path, f"unknown recipe key {sorted(unknown)[0]!r}")
     recipe = _merge(DEFAULTS, raw, "", path)
+    if recipe["parity"]["arithmetic"] not in PARITY_ARITHMETIC:
+        raise UserError(path, f"parity.arithmetic must be one of {', '.join(PARITY_ARITHMETIC)}, "
+                              f"got {recipe['parity']['arithmetic']!r}")
     recipe["recipe_path"] = str(path)
     data = recipe.get("data")
     if data and data != "embedded" and not Path(data).is_absolute():

@@ -19,11 +19,12 @@ class OrtRunner:
     `exact=True` (default) sets `session.disable_quant_qdq`: ORT then computes what the graph says (Q, DQ, a
     float conv with a float bias), which is also what TensorRT computes. With the rewrites on, ORT quantizes a
     conv's float bias to int32 at scale s_in * s_w and may run integer kernels: its own approximation, right for
-    measuring the CPU form, wrong as the oracle for the TensorRT form.
+    measuring the CPU form, wrong as the oracle for the TensorRT form. `optimize=False` turns off ORT's graph
+    optimizations altogether (they fold a Conv's following Mul and Add into its weights).
     """
 
     def __init__(self, onnx_path: str | os.PathLike, providers=("CPUExecutionProvider",), threads: int | None = None,
-                 exact: bool = True):
+                 exact: bool = True, optimize: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -37,6 +38,8 @@ class OrtRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if exact:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
+        if not optimize:  # every node as written: no Conv+Mul / Conv+Add folding into the weights
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         try:

@@ -8,6 +8,7 @@ Artifacts beside `out_path` (stem = its name without `.onnx`):
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class ExportResult:
     per_layer: object | None  # parity.LayerReport
     report: dict = field(default_factory=dict)
     noise_floor: object | None = None  # parity.NoiseFloor, with the localisation
+    exact: object | None = None  # exact_parity.ExactResult
 
     @property
     def bits_preserved(self) -> dict[str, bool]:
@@ -78,8 +80,12 @@ def _check_options(target, opset, fp32, int4_weights) -> int:
 
 def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: bool = False, simplify: bool = True,
                 opset: int = 17, target: str = "trt", decode: bool = False, parity: bool = True,
-                parity_images=None, per_layer: bool = False, data=None, progress: bool = True) -> ExportResult:
+                parity_images=None, per_layer: bool = False, data=None, progress: bool = True,
+                parity_arithmetic: str | None = None) -> ExportResult:
     """Export a checkpoint to ONNX with explicit quantization and gate it on parity with PyTorch.
+
+    `parity_arithmetic` ("float32" or "exact", default: the checkpoint's recipe) picks the comparison that decides
+    the gate; both run (exact_parity.py).
 
     Raises UserError for bad input and ParityError when the bits, the TensorRT lint or the parity gate fail
     (the report is written and the ONNX kept only as <stem>.FAILED.onnx).
@@ -89,6 +95,8 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     started = time.perf_counter()
     log = print if progress else (lambda *a, **k: None)
     final_opset = _check_options(target, opset, fp32, int4_weights)
+    if parity_arithmetic not in (None, "float32", "exact"):
+        raise UserError("--parity-arithmetic", f"must be float32 or exact, got {parity_arithmetic!r}")
     checkpoint_path, out_path = Path(checkpoint_path), Path(out_path)
     paths = sidecar_paths(out_path)
     checkpoint_sha = sha256_file(checkpoint_path) if checkpoint_path.is_file() else None
@@ -115,9 +123,11 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     counts_after = onnx_qdq.qdq_counts(graph)
     int4_layers = onnx_qdq.store_int4_weights(graph, convs) if int4_weights else []
     cpu_summary = None
+    trt_form = graph  # what the exact-arithmetic check rewrites (the CPU form re-encodes it)
     if target == "cpu" and not fp32:
         from .cpu_form import to_cpu_form
 
+        trt_form = copy.deepcopy(graph)
         cpu_summary = to_cpu_form(graph)
     graph = _check_graph(graph)
 
@@ -149,11 +159,13 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     checking = out_path.with_name(f".{out_path.name}.{os.getpid()}.checking.onnx")
     onnx.save(graph, str(checking))
     try:
-        parity_report = layer_report = parity_set = parity_inputs = kernels_report = floor = None
+        parity_report = layer_report = parity_set = parity_inputs = kernels_report = floor = exact = None
+        arithmetic, parity_ok = "float32", True
         parity_note = "skipped (parity=False)"
         if parity:
-            from ..parity import (budgets_from_recipe, localise, noise_floor, parity_image_count,
-                                  resolve_parity_inputs, run_gate)
+            from ..parity import budgets_from_recipe, localise, noise_floor, parity_image_count, resolve_parity_inputs
+            from ..parity import parity_arithmetic as recipe_arithmetic
+            from ..parity import run_gate
 
             gate_started = time.perf_counter()
             budgets = budgets_from_recipe(meta.get("recipe"))
@@ -165,8 +177,17 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
             parity_report = run_gate(parity_set, checking, budgets, exact=True)
             if target == "cpu":  # and, for information, what ORT's integer kernels make of it
                 kernels_report = run_gate(parity_set, checking, budgets, exact=False)
+            arithmetic = parity_arithmetic or recipe_arithmetic(meta.get("recipe"))
+            parity_ok = parity_report.passed
+            if not fp32:
+                from ..exact_parity import check_exact_parity
+
+                exact = check_exact_parity(reference, meta, trt_form, parity_set, budgets, img_size, decode,
+                                           cpu_form=checking if target == "cpu" else None)
+                if arithmetic == "exact":
+                    parity_ok = exact.passed
             parity_note = f"{parity_inputs.count} images from {parity_inputs.source}"
-            if per_layer or not parity_report.passed:
+            if per_layer or not parity_ok or not parity_report.passed:
                 layer_bits = {name: (spec.weight_bits, acts[spec.act_key].bits if spec.act_key else None)
                               for name, spec in convs.items()} if not fp32 else \
                              {name: (None, None) for name in _conv_names(reference)}
@@ -174,7 +195,7 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
                 floor = noise_floor(torch_graph.make_wrapper(reference, meta, img_size, decode), reference, parity_set,
                                     layer_report, budgets)
             timings["parity_s"] = round(time.perf_counter() - gate_started, 3)
-        passed = bits_ok and not lint_errors and (parity_report is None or parity_report.passed)
+        passed = bits_ok and not lint_errors and parity_ok
         final = out_path if passed else paths["failed"]
         os.replace(checking, final)
     finally:
@@ -189,6 +210,12 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     if passed and parity_set is not None:
         from ..parityset import save_parity_set
 
+        if arithmetic == "exact" and exact is not None:  # engines are then held to the exact reference too
+            parity_set.outputs = exact.reference_outputs
+            parity_set.meta["reference"] = ("PyTorch, the checkpoint's model with BN folded, each conv accumulating "
+                                            "its integer codes exactly (exact arithmetic, as TensorRT's INT8 convs)")
+        parity_set.meta["arithmetic"] = arithmetic
+
         parity_set.meta["onnx_sha256"] = onnx_sha
         parity_path = paths["parity"]
         parity_sha = save_parity_set(parity_path, parity_set.inputs, parity_set.outputs, parity_set.meta)
@@ -201,6 +228,7 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
         "parity_set_sha256": None if parity_path is None else parity_sha,
         "options": {"fp32": fp32, "int4_weights": int4_weights, "simplify": simplify, "opset": final_opset,
                     "target": target, "decode": decode, "parity": parity, "per_layer": per_layer,
+                    "parity_arithmetic": parity_arithmetic,
                     "parity_images": None if parity_images is None else str(parity_images),
                     "data": None if data is None else str(data)},
         "inputs": input_names, "outputs": output_names, "img_size": img_size,
@@ -212,13 +240,15 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
         "parity": {"source": parity_note, "report": None if parity_report is None else parity_report.to_dict(),
                    "per_layer": None if layer_report is None else layer_report.to_dict(),
                    "noise_floor": None if floor is None else floor.to_dict(),
+                   "arithmetic": arithmetic if parity_report is not None else None,
+                   "exact_arithmetic": None if exact is None else exact.to_dict(),
                    "ort_integer_kernels": None if kernels_report is None else kernels_report.to_dict(),
                    "ort_integer_kernels_note": None if kernels_report is None else ORT_KERNELS_NOTE},
         "metadata_keys": sorted(metadata), "notes": [TENSORRT_INT4_NOTE], "timings": timings,
     }
     write_json_atomic(paths["report"], report)
     result = ExportResult(final, paths["report"], parity_path, passed, layers, findings, parity_report, layer_report, report,
-                          floor)
+                          floor, exact)
     if progress:
         log(format_report(result))
     if not passed:
@@ -362,15 +392,21 @@ def _failure_message(result: ExportResult) -> str:
     lint_errors = errors(result.lint)
     if lint_errors:
         parts.append(f"{len(lint_errors)} TensorRT lint error(s) (first: {lint_errors[0]})")
-    if result.parity is not None and not result.parity.passed:
+    by_exact = result.report.get("parity", {}).get("arithmetic") == "exact" and result.exact is not None
+    if by_exact and not result.exact.passed:
+        parts.append(result.exact.summary())
+    elif not by_exact and result.parity is not None and not result.parity.passed:
         parts.append("; ".join(result.parity.failures))
-        first = result.per_layer.first_over_budget if result.per_layer else None
-        if first:
-            parts.append(f"first layer over budget: {first['name']} (W{first['weight_bits']} A{first['act_bits']})")
         if result.noise_floor is not None:
             floor = result.noise_floor
             parts.append(f"{'at the model' if floor.at_noise_floor else 'beyond the model'}'s float32 noise floor "
                          f"({floor.passed_trials}/{len(floor.trials)} noisy PyTorch runs pass)")
+        if result.exact is not None:
+            parts.append(f"exact arithmetic: {result.exact.verdict()}")
+    first = result.per_layer.first_over_budget if result.per_layer else None
+    if first and not result.passed:
+        parts.append(f"first layer over budget: {first['name']} (W{first['weight_bits']} A{first['act_bits']}, "
+                     f"{first['status']})")
     return f"{result.onnx_path}: " + "; ".join(parts) + f" (report: {result.report_path})"
 
 
@@ -411,6 +447,10 @@ def format_report(result: ExportResult) -> str:
         lines.append(result.per_layer.format_table())
     if result.noise_floor is not None:
         lines.append(result.noise_floor.summary())
+    if result.exact is not None:
+        decides = report["parity"]["arithmetic"] == "exact"
+        lines.append(result.exact.summary() + (" [decides the gate: parity.arithmetic exact]" if decides else
+                                               " [reported; the float32 comparison decides the gate]"))
     lines.append(f"{'PASSED' if result.passed else 'FAILED'}: {result.onnx_path} ({report['onnx_bytes'] / 1e6:.2f} MB, "
                  f"{report['timings']['total_s']:.1f} s); report {result.report_path}"
                  + (f"; parity set {result.parity_set_path}" if result.parity_set_path else ""))

@@ -55,12 +55,17 @@ def default_out_path(checkpoint: Path, fp32: bool, int4_weights: bool, target: s
 @click.option("--bit-plan", type=click.Path(), default=None,
               help="PTQ: bit plan JSON or a GHOST checkpoint whose plan to use (default: INT8 everywhere).")
 @click.option("--data", type=click.Path(), default=None, help="Dataset YAML for the parity images.")
+@click.option("--parity-arithmetic", type=click.Choice(["float32", "exact"]), default=None,
+              help="Which comparison decides the gate (default: the recipe's parity.arithmetic, float32): the graph "
+                   "as written in float32, or both sides accumulating integer codes (bit-exact when correct). "
+                   "Both are always run and reported.")
 @click.option("--per-layer", is_flag=True,
               help="Compare every layer and measure the model's float32 noise floor (automatic when the gate fails).")
 @click.option("--no-progress", is_flag=True, help="Print nothing but errors.")
 @_cli_errors
 def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, target, decode, no_parity, parity_images,
-                   weights, calib_manifest, calibrator, weight_method, bit_plan, data, per_layer, no_progress):
+                   weights, calib_manifest, calibrator, weight_method, bit_plan, data, parity_arithmetic, per_layer,
+                   no_progress):
     """Export a checkpoint to a QDQ ONNX (per-layer bits kept), lint it for TensorRT, gate it on parity.
 
     Exit 0: written and within budget. Exit 1: a check failed; the report is saved and the model is kept only
@@ -86,4 +91,4 @@ def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, targ
     out_path = Path(out) if out else default_out_path(checkpoint, fp32, int4_weights, target)
     export_onnx(checkpoint, out_path, fp32=fp32, int4_weights=int4_weights, simplify=not no_simplify, opset=opset,
                 target=target, decode=decode, parity=not no_parity, parity_images=parity_images,
-                per_layer=per_layer, data=data, progress=not no_progress)
+                parity_arithmetic=parity_arithmetic, per_layer=per_layer, data=data, progress=not no_progress)

@@ -1,0 +1,93 @@
+"""Exact-arithmetic parity: integer accumulation on both sides makes a correct export bit-identical."""
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from ghost_deploy.compare import Budgets
+from ghost_deploy.errors import ParityError, UserError
+from ghost_deploy.exact_parity import accumulation_fits, check_exact_parity
+from ghost_deploy.export import export_onnx
+from ghost_deploy.export.cli import export_command
+from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
+from ghost_deploy.parityset import load_parity_set
+from ghost_deploy.train import model_from_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+IMG = 64
+
+
+@pytest.fixture(scope="module")
+def rounding(tmp_path_factory, write_image_pairs):
+    """A sample model off the power-of-two grid: float32 sums now round differently in PyTorch and ORT."""
+    root = tmp_path_factory.mktemp("exact")
+    images = write_image_pairs(root / "images", count=2, seed=11)
+    model, plan = build_sample_model(img_size=IMG, weight_bits=(3, 8), seed=8, exact_grid=False)
+    # a zero max-abs-error budget: only bit-identical outputs pass it
+    checkpoint = save_sample_checkpoint(root / "rounding.safetensors", img_size=IMG, model=model, plan=plan,
+                                        parity={"images": 2, "max_abs_error_in_output_scale": 0.0})
+    return {"root": root, "images": images, "checkpoint": checkpoint}
+
+
+def test_float32_rounding_fails_a_zero_budget_that_exact_arithmetic_meets(rounding):
+    root = rounding["root"]
+    with pytest.raises(ParityError) as caught:
+        export_onnx(rounding["checkpoint"], root / "float32.onnx", parity_images=rounding["images"], progress=False)
+    report = caught.value.report["parity"]
+    assert any("max abs error" in failure for failure in report["report"]["failures"])
+    exact = report["exact_arithmetic"]
+    assert exact["bit_identical"] is True and exact["passed"] is True and exact["exact_convs"] == 62
+    assert report["arithmetic"] == "float32"
+    assert "exact arithmetic: bit-identical outputs" in str(caught.value)
+
+    result = export_onnx(rounding["checkpoint"], root / "exact.onnx", parity_images=rounding["images"],
+                         parity_arithmetic="exact", progress=False)
+    assert result.passed and result.exact.bit_identical and not result.parity.passed
+    saved = load_parity_set(result.parity_set_path)  # engines are held to the exact reference
+    assert saved.meta["arithmetic"] == "exact" and "exactly" in saved.meta["reference"]
+    for name, value in result.exact.reference_outputs.items():
+        np.testing.assert_array_equal(saved.outputs[name], value)
+
+
+def test_exact_arithmetic_sees_a_wrong_scale(rounding):
+    root = rounding["root"]
+    result = export_onnx(rounding["checkpoint"], root / "ok.onnx", parity_images=rounding["images"],
+                         parity_arithmetic="exact", progress=False)
+    graph = onnx.load(str(result.onnx_path))
+    target = "model.6.m.0.cv1.conv"
+    node = next(n for n in graph.graph.node if n.name == f"{target}.weight_dq")
+    scale = next(i for i in graph.graph.initializer if i.name == node.input[1])
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.01), scale.name))
+    model, meta = model_from_checkpoint(rounding["checkpoint"], with_sr=False)
+    checked = check_exact_parity(model, meta, graph, load_parity_set(result.parity_set_path), Budgets(), IMG, False)
+    assert not checked.bit_identical and not checked.passed
+    assert "OVER BUDGET" in checked.summary()
+
+
+@pytest.mark.parametrize("options", [{"target": "cpu"}, {"int4_weights": True}])
+def test_other_forms_are_checked_exactly_too(rounding, options):
+    root = rounding["root"]
+    name = "form-" + "-".join(f"{k}" for k in options) + ".onnx"
+    result = export_onnx(rounding["checkpoint"], root / name, parity_images=rounding["images"],
+                         parity_arithmetic="exact", progress=False, **options)
+    assert result.passed and result.exact.bit_identical
+    assert result.exact.cpu_form_identical is (True if options.get("target") == "cpu" else None)
+
+
+def test_accumulation_bound():
+    assert accumulation_fits(np.full((4, 64, 3, 3), 127, np.int8))  # 576 * 128 * 127 < 2^24
+    assert not accumulation_fits(np.full((4, 512, 3, 3), 127, np.int8))  # 4608 * 128 * 127 > 2^24
+
+
+def test_bad_arithmetic_is_a_one_line_error(rounding, tmp_path):
+    from ghost_deploy.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("parity:\n  arithmetic: fixed-point\n")
+    with pytest.raises(UserError, match="parity.arithmetic must be one of float32, exact") as info:
+        load_recipe(recipe)
+    assert info.value.path == str(recipe)
+    outcome = CliRunner().invoke(export_command, ["--onnx", str(rounding["checkpoint"]), "--parity-arithmetic", "int"])
+    assert outcome.exit_code == 2 and "--parity-arithmetic" in outcome.output
