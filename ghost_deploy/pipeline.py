@@ -155,7 +155,7 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
     ghost = stage("ghost", _fingerprint("ghost", common, recipe["ghost"], Path(teacher["best"])), lambda: _train_stage(
         train_ghost(recipe, run / "ghost", teacher["best"], data=data, progress=progress, log=log)))
     exports = stage("export", _fingerprint("export", recipe["parity"], Path(ghost["best"]), Path(teacher["best"])),
-                    lambda: _export_stage(run / "export", teacher["best"], ghost["best"], log))
+                    lambda: _export_stage(run / "export", teacher["best"], ghost["best"], log, recipe["parity"]))
     verdicts["export"] = {name: info["verdict"] for name, info in exports["onnx"].items()}
     if not all(info["passed"] for info in exports["onnx"].values()):
         raise ParityError("an export failed its checks; see " + ", ".join(i["report"] for i in exports["onnx"].values()))
@@ -183,7 +183,7 @@ def _train_stage(result: dict):
     return [result["best"]], summary
 
 
-def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log):
+def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log, parity_config: dict):
     from .errors import ParityError
     from .export import export_onnx
 
@@ -196,7 +196,8 @@ def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log):
     results = {}
     for name, (ckpt, path, options) in forms.items():
         try:
-            result = export_onnx(ckpt, path, progress=False, **options)
+            # this run's parity section: its fingerprint is the export stage's, the checkpoints may predate it
+            result = export_onnx(ckpt, path, progress=False, parity_config=parity_config, **options)
         except ParityError as error:
             log(f"[export] {name}: FAILED: {error}")
             results[name] = {"path": str(path), "passed": False, "verdict": "FAILED", "report": str(path.with_suffix(".export.json"))}

@@ -51,6 +51,20 @@ def test_float32_rounding_fails_a_zero_budget_that_exact_arithmetic_meets(roundi
         np.testing.assert_array_equal(saved.outputs[name], value)
 
 
+def test_a_parity_section_given_to_export_replaces_the_checkpoints(rounding):
+    """The pipeline passes its run's recipe section: budgets and arithmetic come from it, not the checkpoint."""
+    root = rounding["root"]
+    loose = {"images": 1, "min_cosine": 0.99, "max_abs_error_in_output_scale": None, "arithmetic": "float32"}
+    result = export_onnx(rounding["checkpoint"], root / "loose.onnx", parity_images=rounding["images"],
+                         parity_config=loose, progress=False)
+    assert result.passed and result.parity.budgets["min_cosine"] == 0.99 and result.report["parity"]["arithmetic"] == "float32"
+    assert result.report["parity"]["source"].startswith("1 images from")
+    exact = export_onnx(rounding["checkpoint"], root / "exact-config.onnx", parity_images=rounding["images"],
+                        parity_config={**loose, "min_cosine": 0.9999, "max_abs_error_in_output_scale": 0.0,
+                                       "arithmetic": "exact"}, progress=False)
+    assert exact.passed and exact.report["parity"]["arithmetic"] == "exact" and exact.exact.bit_identical
+
+
 def test_exact_arithmetic_sees_a_wrong_scale(rounding):
     root = rounding["root"]
     result = export_onnx(rounding["checkpoint"], root / "ok.onnx", parity_images=rounding["images"],

@@ -81,11 +81,12 @@ def _check_options(target, opset, fp32, int4_weights) -> int:
 def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: bool = False, simplify: bool = True,
                 opset: int = 17, target: str = "trt", decode: bool = False, parity: bool = True,
                 parity_images=None, per_layer: bool = False, data=None, progress: bool = True,
-                parity_arithmetic: str | None = None) -> ExportResult:
+                parity_arithmetic: str | None = None, parity_config: dict | None = None) -> ExportResult:
     """Export a checkpoint to ONNX with explicit quantization and gate it on parity with PyTorch.
 
-    `parity_arithmetic` ("float32" or "exact", default: the checkpoint's recipe) picks the comparison that decides
-    the gate; both run (exact_parity.py).
+    `parity_arithmetic` ("float32" or "exact", default: the recipe's) picks the comparison that decides the gate;
+    both run (exact_parity.py). `parity_config` replaces the checkpoint's recipe `parity` section (budgets, images,
+    arithmetic), e.g. with the one of the recipe a pipeline runs.
 
     Raises UserError for bad input and ParityError when the bits, the TensorRT lint or the parity gate fail
     (the report is written and the ONNX kept only as <stem>.FAILED.onnx).
@@ -168,8 +169,10 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
             from ..parity import run_gate
 
             gate_started = time.perf_counter()
-            budgets = budgets_from_recipe(meta.get("recipe"))
-            count = parity_image_count(meta.get("recipe"))
+            # the checkpoint's recipe, unless the caller brings its own parity section (the pipeline: its run's recipe)
+            parity_recipe = meta.get("recipe") if parity_config is None else {"parity": parity_config}
+            budgets = budgets_from_recipe(parity_recipe)
+            count = parity_image_count(parity_recipe)
             parity_inputs = resolve_parity_inputs(meta, img_size, count, parity_images, data)
             parity_set = _reference_parity_set(reference, meta, decode, img_size, input_names, output_names, heads,
                                                parity_inputs, budgets, output_scales, checkpoint_sha)
@@ -177,7 +180,8 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
             parity_report = run_gate(parity_set, checking, budgets, exact=True)
             if target == "cpu":  # and, for information, what ORT's integer kernels make of it
                 kernels_report = run_gate(parity_set, checking, budgets, exact=False)
-            arithmetic = parity_arithmetic or recipe_arithmetic(meta.get("recipe"))
+            # exact arithmetic is about quantized convs: an FP32 export is compared as written
+            arithmetic = "float32" if fp32 else parity_arithmetic or recipe_arithmetic(parity_recipe)
             parity_ok = parity_report.passed
             if not fp32:
                 from ..exact_parity import check_exact_parity
