@@ -22,7 +22,10 @@ both sides and is listed; the result is then no longer guaranteed bit-exact.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -167,12 +170,13 @@ def exact_graph(model: onnx.ModelProto, layers: set[str]) -> onnx.ModelProto:
     return model
 
 
-def exact_reference(model, meta: dict, img_size: int, decode: bool, layers: set[str]) -> nn.Module:
-    """The checkpoint's model computing the module doc's PyTorch side (an export wrapper, like the gate's)."""
+def exact_reference(folded: nn.Module, convs: dict, acts: dict, meta: dict, img_size: int, decode: bool,
+                    layers: set[str]) -> nn.Module:
+    """The module doc's PyTorch side, built in place from `torch_graph.conv_specs`' folded model and specs (an
+    export wrapper, like the gate's reference)."""
     from .export import torch_graph
     from .quant import act_quantizers
 
-    convs, acts, folded = torch_graph.conv_specs(model)
     for quantizer in act_quantizers(folded).values():
         quantizer.forward = _dividing(quantizer)
     for name in layers:
@@ -218,16 +222,16 @@ class ExactConvModule(nn.Module):
         return summed.float() * self.multiplier + self.bias
 
 
-def exact_layers(model) -> tuple[set[str], list[str]]:
-    """(convs that can accumulate exactly, convs that keep float sums): quantized weights and input, small sums."""
-    from .export import torch_graph
-
-    convs, _, _ = torch_graph.conv_specs(model)
+def exact_layers(convs: dict) -> tuple[set[str], list[str]]:
+    """(convs that can accumulate exactly, convs that keep float sums) among those with quantized weights and input."""
     exact, kept = set(), []
     for name, spec in convs.items():
         if spec.codes is None or spec.act_key is None:
             continue
-        (exact.add(name) if accumulation_fits(spec.codes) else kept.append(name))
+        if accumulation_fits(spec.codes):
+            exact.add(name)
+        else:
+            kept.append(name)
     return exact, kept
 
 
@@ -238,19 +242,17 @@ def check_exact_parity(model, meta: dict, graph: onnx.ModelProto, parity_set, bu
     `graph` is the TensorRT form. With `cpu_form` (the path of its CPU re-encoding) the two are also run as written
     on the same inputs, and must agree bit for bit: the CPU form is then as exact as the form checked here.
     """
-    import os
-    import tempfile
-    from pathlib import Path
-
     from .engines.bundle import run_parity
     from .engines.runners import OrtRunner
+    from .export import torch_graph
     from .parity import TorchRunner, run_in_chunks
 
-    layers, kept = exact_layers(model)
+    convs, acts, folded = torch_graph.conv_specs(model)
+    layers, kept = exact_layers(convs)
     rewritable = rewritable_convs(graph, layers)
     kept = sorted(set(kept) | (layers - rewritable))
     layers = rewritable
-    wrapper = exact_reference(model, meta, img_size, decode, layers)
+    wrapper = exact_reference(folded, convs, acts, meta, img_size, decode, layers)
     reference = run_in_chunks(TorchRunner(wrapper, parity_set.input_names, parity_set.output_names), parity_set.inputs)
     exact_set = copy.copy(parity_set)
     exact_set.outputs = reference
