@@ -437,7 +437,9 @@ def format_report(result: ExportResult) -> str:
     lines.append(f"lint ({lint['rules']}): {lint['errors']} errors, {lint['warnings']} warnings")
     lines += [f"  {finding}" for finding in result.lint[:20]]
     if result.parity is not None:
-        lines.append(f"parity vs PyTorch ({report['parity']['source']}):")
+        role = ("reported; exact arithmetic decides the gate" if report["parity"]["arithmetic"] == "exact"
+                else "decides the gate")
+        lines.append(f"parity vs PyTorch, the graph as written in float32 ({role}; {report['parity']['source']}):")
         lines.append(result.parity.format_table())
         kernels = report["parity"]["ort_integer_kernels"]
         if kernels is not None:
