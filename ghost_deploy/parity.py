@@ -16,6 +16,8 @@
   clean reference. A quantized network amplifies a rounding flip at a code boundary layer after layer, so a
   model whose noisy PyTorch runs fail the budgets too is at its noise floor: the gate failed on rounding, not
   on a wrong layer. The verdict does not change (over budget is over budget); the report says which it is.
+- The same comparison in exact arithmetic (integer accumulation on both sides) is `exact_parity.py`; the recipe's
+  `parity.arithmetic` says which of the two decides the export's gate.
 """
 from __future__ import annotations
 
