@@ -7,7 +7,7 @@ from onnx import numpy_helper
 
 from ghost_deploy.compare import Budgets
 from ghost_deploy.errors import ParityError, UserError
-from ghost_deploy.exact_parity import accumulation_fits, check_exact_parity
+from ghost_deploy.exact_parity import check_exact_parity
 from ghost_deploy.export import export_onnx
 from ghost_deploy.export.cli import export_command
 from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
@@ -90,9 +90,27 @@ def test_other_forms_are_checked_exactly_too(rounding, options):
     assert result.exact.cpu_form_identical is (True if options.get("target") == "cpu" else None)
 
 
-def test_accumulation_bound():
-    assert accumulation_fits(np.full((4, 64, 3, 3), 127, np.int8))  # 576 * 128 * 127 < 2^24
-    assert not accumulation_fits(np.full((4, 512, 3, 3), 127, np.int8))  # 4608 * 128 * 127 > 2^24
+def test_a_conv_records_its_largest_sum_and_can_fall_back_to_float_sums():
+    """sum(|x code| * |w code|) >= 2^23 would leave float32's exact integers: measured, then that conv runs float."""
+    import torch
+    from torch import nn
+
+    from ghost_deploy.exact_parity import EXACT_SUM_LIMIT, ExactConv, ExactConvModule
+    from ghost_deploy.quant.quantizers import QuantConv2d
+
+    conv = QuantConv2d(nn.Conv2d(600, 2, 3, padding=1, bias=False), weight_bits=8, act_bits=8)
+    conv.quantizes_input = False  # the input arrives quantized, as behind a block's pre-hook
+    codes = np.full((2, 600, 3, 3), 127, np.float32)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(codes * 0.01))
+    module = ExactConvModule(conv, ExactConv(codes, np.full(2, 0.5 * 0.01, np.float32), np.zeros(2, np.float32)),
+                             np.float32(0.5))
+    x = torch.full((1, 600, 4, 4), 127 * 0.5)
+    exact = module(x)
+    assert module.largest_sum == 600 * 9 * 127 * 127 >= EXACT_SUM_LIMIT  # the centre pixels see all 9 taps
+    assert float(exact[0, 0, 1, 1]) == np.float32(600 * 9 * 127 * 127) * np.float32(0.005)
+    module.exact = False
+    torch.testing.assert_close(module(x), conv(x))
 
 
 def test_bad_arithmetic_is_a_one_line_error(rounding, tmp_path):
