@@ -397,9 +397,11 @@ def _failure_message(result: ExportResult) -> str:
     if lint_errors:
         parts.append(f"{len(lint_errors)} TensorRT lint error(s) (first: {lint_errors[0]})")
     by_exact = result.report.get("parity", {}).get("arithmetic") == "exact" and result.exact is not None
-    if by_exact and not result.exact.passed:
+    exact_failed = by_exact and not result.exact.passed
+    float32_failed = not by_exact and result.parity is not None and not result.parity.passed
+    if exact_failed:
         parts.append(result.exact.summary())
-    elif not by_exact and result.parity is not None and not result.parity.passed:
+    elif float32_failed:
         parts.append("; ".join(result.parity.failures))
         if result.noise_floor is not None:
             floor = result.noise_floor
@@ -408,7 +410,7 @@ def _failure_message(result: ExportResult) -> str:
         if result.exact is not None:
             parts.append(f"exact arithmetic: {result.exact.verdict()}")
     first = result.per_layer.first_over_budget if result.per_layer else None
-    if first and not result.passed:
+    if first and (exact_failed or float32_failed):
         parts.append(f"first layer over budget: {first['name']} (W{first['weight_bits']} A{first['act_bits']}, "
                      f"{first['status']})")
     return f"{result.onnx_path}: " + "; ".join(parts) + f" (report: {result.report_path})"
