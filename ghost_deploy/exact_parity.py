@@ -95,6 +95,14 @@ def _constant(index: GraphIndex, name: str) -> np.ndarray | None:
     return index.constant(name)
 
 
+def _dequantized_inputs(index: GraphIndex, node: onnx.NodeProto):
+    """(activation DQ, weight DQ) feeding a Conv, or None when it does not read both through DequantizeLinear."""
+    act_dq, weight_dq = index.producer.get(node.input[0]), index.producer.get(node.input[1])
+    if act_dq is None or weight_dq is None or act_dq.op_type != DEQUANTIZE or weight_dq.op_type != DEQUANTIZE:
+        return None
+    return act_dq, weight_dq
+
+
 def rewritable_convs(model: onnx.ModelProto, layers: set[str]) -> set[str]:
     """The convs of `layers` read through an activation DQ and a constant weight DQ, with constant scales and bias."""
     index = GraphIndex(model)
@@ -102,9 +110,10 @@ def rewritable_convs(model: onnx.ModelProto, layers: set[str]) -> set[str]:
     for node in model.graph.node:
         if node.op_type != "Conv" or node.name not in layers:
             continue
-        act_dq, weight_dq = index.producer.get(node.input[0]), index.producer.get(node.input[1])
-        if act_dq is None or weight_dq is None or act_dq.op_type != DEQUANTIZE or weight_dq.op_type != DEQUANTIZE:
+        pair = _dequantized_inputs(index, node)
+        if pair is None:
             continue
+        act_dq, weight_dq = pair
         needed = [act_dq.input[1], weight_dq.input[0], weight_dq.input[1]] + list(node.input[2:3])
         if all(_constant(index, name) is not None for name in needed if name):
             found.add(node.name)
@@ -125,9 +134,10 @@ def exact_graph(model: onnx.ModelProto, layers: set[str]) -> onnx.ModelProto:
     for node in graph.node:
         if node.op_type != "Conv" or node.name not in layers:
             continue
-        act_dq, weight_dq = index.producer.get(node.input[0]), index.producer.get(node.input[1])
-        if act_dq is None or weight_dq is None or act_dq.op_type != DEQUANTIZE or weight_dq.op_type != DEQUANTIZE:
+        pair = _dequantized_inputs(index, node)
+        if pair is None:
             raise ValueError(f"{node.name}: not a DequantizeLinear -> Conv pair (a TensorRT-form graph is needed)")
+        act_dq, weight_dq = pair
         act_scale = np.float32(_constant(index, act_dq.input[1]))
         weight_scale = _constant(index, weight_dq.input[1]).astype(np.float32).reshape(-1)
         codes = _constant(index, weight_dq.input[0]).astype(np.float32)

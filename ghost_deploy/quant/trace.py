@@ -149,8 +149,9 @@ def trace_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Trace:
                 input_tensor=_tensor_name(conv_input[name], name, producers, inputs),
             )
         )
-    _assign_scale_groups(sites, {name: id(tensor) for name, tensor in conv_input.items()}, links)
-    return Trace(sites, module_inputs, {name: id(tensor) for name, tensor in conv_input.items()})
+    conv_inputs = {name: id(tensor) for name, tensor in conv_input.items()}
+    _assign_scale_groups(sites, conv_inputs, links)
+    return Trace(sites, module_inputs, conv_inputs)
 
 
 def _assign_scale_groups(sites: list[ConvSite], conv_inputs: dict[str, int], links: list[tuple[int, int]]) -> None:
