@@ -4,7 +4,7 @@
 """
 import argparse
 
-from ghost_deploy.ablation import format_table, run_ablation
+from ghost_deploy.train.ablation import format_table, run_ablation
 from ghost_deploy.recipe import load_recipe
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,12 +8,12 @@ model that ignores IR cannot separate them. Writes OUT/modality.{json,md}.
 import argparse
 from pathlib import Path
 
-from ghost_deploy.ablation import score_checkpoint
+from ghost_deploy.train.ablation import score_checkpoint
 from ghost_deploy.checkpoint import read_meta
 from ghost_deploy.data import load_dataset_yaml
 from ghost_deploy.io import write_json_atomic
 from ghost_deploy.recipe import load_recipe
-from ghost_deploy.train import train_teacher
+from ghost_deploy.train.loop import train_teacher
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--recipe", default="demo")

@@ -15,12 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-from ghost_deploy.ablation import score_checkpoint
-from ghost_deploy.calib import load_calib_set, make_calib_set
+from ghost_deploy.train.ablation import score_checkpoint
+from ghost_deploy.data.calib import load_calib_set, make_calib_set
 from ghost_deploy.checkpoint import read_meta
 from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.io import write_json_atomic, write_text_atomic
-from ghost_deploy.ptq import CALIBRATORS, WEIGHT_METHODS, ptq_checkpoint
+from ghost_deploy.quant.ptq import CALIBRATORS, WEIGHT_METHODS, ptq_checkpoint
 
 
 def export_verdict(checkpoint: Path, onnx_path: Path, fp32: bool) -> dict:

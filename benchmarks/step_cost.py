@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from ghost_deploy.distill import SelfTeaching
-from ghost_deploy.loss import DetectionLoss
+from ghost_deploy.train.distill import SelfTeaching
+from ghost_deploy.train.loss import DetectionLoss
 from ghost_deploy.model import build_model
 from ghost_deploy.quant import calibrate_activations, hq_plan, quantize_model
 from ghost_deploy.recipe import load_recipe
-from ghost_deploy.train import GhostForward, TeacherForward, _ghost_step, _teacher_step, load_data, make_loader
-from ghost_deploy.distill import OpenRateLog
-from ghost_deploy.val import batch_inputs
+from ghost_deploy.train.loop import GhostForward, TeacherForward, _ghost_step, _teacher_step, load_data, make_loader
+from ghost_deploy.train.distill import OpenRateLog
+from ghost_deploy.eval.val import batch_inputs
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--recipe", default="demo")

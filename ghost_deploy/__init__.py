@@ -4,7 +4,7 @@ __version__ = "0.2.0"
 
 def build_model(name: str, nc: int = 8, input_mode: str = "rgb+ir", sr: bool = False):
     """Build a detector by config name; see `ghost_deploy.model.build_model`."""
-    from .model import build_model as _build
+    from ghost_deploy.model import build_model as _build
 
     return _build(name, nc=nc, input_mode=input_mode, sr=sr)
 

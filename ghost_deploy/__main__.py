@@ -1,3 +1,3 @@
-from .cli import main
+from ghost_deploy.cli import main
 
 main()

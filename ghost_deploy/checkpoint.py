@@ -1,8 +1,9 @@
 """Checkpoints: one safetensors file whose header carries the JSON that makes it self-describing.
 
-The JSON (`ghost` key of the safetensors metadata) holds the model config, classes, input mode, image
-size, the recipe, the bit plan of a quantized model, and metrics. Loading never unpickles anything:
-a legacy `.pt` file is refused unless it loads with `torch.load(weights_only=True)`.
+The JSON (`ghost` key of the safetensors metadata) is a `contract.CheckpointHeader`: the model config,
+classes, input mode, image size, the recipe, the bit plan of a quantized model, and metrics. Loading
+never unpickles anything: a legacy `.pt` file is refused unless it loads with
+`torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -12,20 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
-from .io import atomic_path
+from ghost_deploy.contract import CheckpointHeader
+from ghost_deploy.errors import UserError
+from ghost_deploy.io import atomic_path
+from ghost_deploy.model import build_model
+from ghost_deploy.quant.quantizers import quantize_model
 
-FORMAT = "ghost-deploy/checkpoint/v1"
 
 
 @dataclass
 class Checkpoint:
     """A loaded checkpoint: the tensors and the metadata that says how to rebuild the model."""
 
-    meta: dict
+    meta: CheckpointHeader
     tensors: dict[str, torch.Tensor]
     path: Path | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -38,25 +41,23 @@ class Checkpoint:
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, header: CheckpointHeader,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model`'s state (plus optional extra tensors, e.g. EMA or optimiser state) atomically."""
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     for key, value in (extra or {}).items():
         tensors[key] = value.detach().to("cpu").contiguous()
-    header = {"format": FORMAT, **meta}
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ghost": json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={"ghost": json.dumps(header.to_dict())})
     return path
 
 
-def read_meta(path: str | os.PathLike) -> dict:
+def read_meta(path: str | os.PathLike) -> CheckpointHeader:
     """The JSON header of a checkpoint, without loading tensors."""
     path = Path(path)
     _check_exists(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
@@ -70,8 +71,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if path.suffix in {".pt", ".pth"}:
         return _load_legacy(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
@@ -91,19 +90,14 @@ def _check_exists(path: Path) -> None:
         raise UserError(path, "is a folder, expected a .safetensors checkpoint")
 
 
-def _parse_meta(path: Path, metadata: dict) -> dict:
+def _parse_meta(path: Path, metadata: dict) -> CheckpointHeader:
     if "ghost" not in metadata:
         raise UserError(path, "safetensors file has no ghost-deploy metadata (not one of our checkpoints)")
     try:
         meta = json.loads(metadata["ghost"])
     except json.JSONDecodeError as error:
         raise UserError(path, f"checkpoint metadata is not valid JSON ({error})") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(path, f"unknown checkpoint format {meta.get('format')!r}, expected {FORMAT}")
-    for key in ("model", "nc", "names", "input_mode"):
-        if key not in meta:
-            raise UserError(path, f"checkpoint metadata lacks {key!r}")
-    return meta
+    return CheckpointHeader.from_dict(meta, source=path)
 
 
 def _load_legacy(path: Path) -> Checkpoint:
@@ -135,3 +129,18 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
         if key in expected and expected[key].shape != value.shape:
             raise UserError(path, f"tensor {key} has shape {tuple(value.shape)}, model expects {tuple(expected[key].shape)}")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def model_from_checkpoint(path, with_sr: bool = True) -> tuple[torch.nn.Module, CheckpointHeader]:
+    """Rebuild the exact model a checkpoint was saved from (quantizers and bit plan included)."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    state = ckpt.model_state
+    has_sr = any(k.startswith("sr.") for k in state)
+    model = build_model(meta.model, nc=meta.nc, input_mode=meta.input_mode, sr=has_sr)
+    if meta.bit_plan is not None:
+        model = quantize_model(model, meta.bit_plan, scale_init="max")  # scales are overwritten by the checkpoint's
+    load_model_state(model, state, path)
+    if has_sr and not with_sr:
+        model.sr = None
+    return model.eval(), meta

@@ -59,7 +59,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def read_user_text(path: str | os.PathLike, what: str) -> str:
     """A user's text file, or a one-line UserError naming it: '<what> not found', 'not UTF-8 text', unreadable."""
-    from .errors import UserError
+    from ghost_deploy.errors import UserError
 
     path = Path(path)
     try:
@@ -76,7 +76,7 @@ def read_user_yaml(path: str | os.PathLike, what: str):
     """`read_user_text` parsed as YAML; a syntax error is one line naming the file."""
     import yaml
 
-    from .errors import UserError
+    from ghost_deploy.errors import UserError
 
     text = read_user_text(path, what)
     try:

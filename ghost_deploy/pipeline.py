@@ -4,59 +4,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from .errors import UserError
-
-
-def run_training(recipe: dict, out: Path, stage: str = "all", data=None, teacher=None, bit_plan=None, epochs=None,
-                 device=None, resume=False, strict=False, nproc=1, progress=True, log=print) -> dict:
-    """Teacher into `out/teacher`, GHOST into `out/ghost`; returns the checkpoint paths."""
-    from .train import train_ghost, train_teacher
-
-    if nproc > 1:
-        from .distributed import launch
-
-        return launch(nproc, recipe, out, stage=stage, data=data, teacher=teacher, bit_plan=bit_plan, epochs=epochs,
-                      resume=resume, strict=strict)
-    from .distributed import init_from_env
-
-    rank, world_size, ddp_device = init_from_env()
-    if world_size > 1:
-        device = ddp_device
-    ranked = {"rank": rank, "world_size": world_size}
-    results: dict = {}
-    if stage in ("teacher", "all") and teacher is None:
-        results["teacher"] = train_teacher(recipe, out / "teacher", data=data, device=device,
-                                           resume=resume and (out / "teacher" / "train_state.safetensors").exists(),
-                                           progress=progress, strict=strict, epochs=epochs, log=log, **ranked)
-        teacher = results["teacher"]["best"]
-        log(f"teacher: best mAP50 {results['teacher']['best_fitness']:.4f} -> {teacher}{_skipped_note(results['teacher'])}")
-    if stage in ("ghost", "all"):
-        if teacher is None:
-            raise UserError("--teacher", "the ghost stage needs a teacher checkpoint (--teacher CKPT) or --stage all")
-        results["ghost"] = train_ghost(recipe, out / "ghost", teacher, data=data, bit_plan_path=bit_plan, device=device,
-                                       resume=resume and (out / "ghost" / "train_state.safetensors").exists(),
-                                       progress=progress, strict=strict, epochs=epochs, log=log, **ranked)
-        log(f"ghost: best mAP50 {results['ghost']['best_fitness']:.4f} -> {results['ghost']['best']}{_skipped_note(results['ghost'])}")
-    if world_size > 1:
-        _record_ddp_agreement(results, out, rank, log)
-    return results
-
-
-def _skipped_note(result: dict) -> str:
-    count = result.get("skipped", 0)
-    return f" (skipped {count} bad sample{'s' if count != 1 else ''}; --strict makes them errors)" if count else ""
-
-
-def _record_ddp_agreement(results: dict, out: Path, rank: int, log) -> None:
-    """Every rank must end with the same weights; rank 0 writes the evidence to out/ddp.json."""
-    from .distributed import check_ranks_agree
-    from .io import write_json_atomic
-
-    final = results.get("ghost") or results.get("teacher")
-    agreement = check_ranks_agree(final["model"])
-    if rank == 0:
-        write_json_atomic(out / "ddp.json", agreement)
-        log(f"DDP: {agreement['world_size']} ranks, identical weights: {agreement['identical']}")
+from ghost_deploy.errors import UserError
 
 
 # ---------------------------------------------------------------------------------------- the pipeline
@@ -80,8 +28,8 @@ def _fingerprint(*parts) -> str:
     import hashlib
     import json
 
-    from . import __version__
-    from .io import sha256_file
+    from ghost_deploy import __version__
+    from ghost_deploy.io import sha256_file
 
     digest = hashlib.sha256(f"{__version__}:{code_sha256()}".encode())
     for part in parts:
@@ -111,7 +59,7 @@ class _StageLedger:
         return None
 
     def record(self, stage: str, fingerprint: str, outputs: list, summary: dict) -> dict:
-        from .io import write_json_atomic
+        from ghost_deploy.io import write_json_atomic
 
         self.entries[stage] = {"fingerprint": fingerprint, "outputs": [str(p) for p in outputs], "summary": summary}
         write_json_atomic(self.path, self.entries)
@@ -127,8 +75,8 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
     """
     import time
 
-    from .errors import ParityError
-    from .train import train_ghost, train_teacher
+    from ghost_deploy.errors import ParityError
+    from ghost_deploy.train.loop import train_ghost, train_teacher
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -170,22 +118,20 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
 
 
 def _train_stage(result: dict):
-    from .checkpoint import read_meta
+    from ghost_deploy.checkpoint import read_meta
 
-    meta = read_meta(result["best"])
-    summary = {"best": result["best"], "mAP50": meta["metrics"]["mAP50"], "mAP50_95": meta["metrics"]["mAP50_95"]}
-    if meta.get("bit_plan"):
-        from .quant import BitPlan, average_weight_bits, bops, size_mb
-
-        plan = BitPlan.from_dict(meta["bit_plan"])
-        summary.update(avg_weight_bits=average_weight_bits(plan)["param_weighted"], size_mb=size_mb(plan),
-                       bops_g=bops(plan) / 1e9)
+    header = read_meta(result["best"])
+    metrics = header.get("metrics")
+    summary = {"best": result["best"], "mAP50": metrics["mAP50"], "mAP50_95": metrics["mAP50_95"]}
+    if header.bit_plan is not None:
+        totals = header.bit_plan.totals
+        summary.update(avg_weight_bits=totals["avg_weight_bits"], size_mb=totals["size_mb"], bops_g=totals["bops_g"])
     return [result["best"]], summary
 
 
 def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log, parity_config: dict):
-    from .errors import ParityError
-    from .export import export_onnx
+    from ghost_deploy.errors import ParityError
+    from ghost_deploy.export import export_onnx
 
     forms = {
         "ghost": (ghost_ckpt, out / "ghost.onnx", {}),
@@ -212,7 +158,7 @@ def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log, parity_con
 
 
 def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):
-    from .engines import build
+    from ghost_deploy.engines import build
 
     result = build(onnx_path, target, out, checkpoint=checkpoint, progress=False, require_export=True)
     if result["status"] == "engine":
@@ -222,12 +168,12 @@ def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):
 
 
 def _bench_stage(run: Path, checkpoint: str, iterations: int, progress: bool, log):
-    from .bench import run_bench
-    from .bench.run import artifacts_from_run
-    from .checkpoint import read_meta
+    from ghost_deploy.bench import run_bench
+    from ghost_deploy.bench.run import artifacts_from_run
+    from ghost_deploy.checkpoint import read_meta
 
     # mAP on the val split of the dataset the checkpoint was trained on (recorded in the checkpoint)
-    result = run_bench(artifacts_from_run(run), run / "bench", data=read_meta(checkpoint)["data"], iterations=iterations,
+    result = run_bench(artifacts_from_run(run), run / "bench", data=read_meta(checkpoint).data, iterations=iterations,
                        progress=progress, log=log)
     rows = {}
     for backend in result.get("backends", []):

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 
-from .errors import UserError
-from .io import read_user_yaml
+from ghost_deploy.errors import UserError
+from ghost_deploy.io import read_user_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "training"

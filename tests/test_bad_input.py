@@ -29,7 +29,7 @@ from ghost_deploy.cli import main
 from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml
 from ghost_deploy.errors import DEBUG
 from ghost_deploy.recipe import load_recipe
-from ghost_deploy.train import checkpoint_meta
+from ghost_deploy.train.loop import checkpoint_meta
 
 RECIPE = """
 name: tiny

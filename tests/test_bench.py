@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from ghost_deploy.bench import (Backend, BackendUnavailable, OrtBackend, TorchBackend, TrtBackend, artifacts_from_run,
                                 compare_results, load_result, normalise_artifacts, run_bench)
 from ghost_deploy.bench.accuracy import _ground_truth, evaluate_backends
-from ghost_deploy.bench.cli import bench_command
+from ghost_deploy.cli.bench import bench_command
 from ghost_deploy.bench.prepost import head_spec_from_meta, preprocess, synthetic_frames
 from ghost_deploy.bench.report import PLOTS, format_table
 from ghost_deploy.checkpoint import read_meta, save_checkpoint
@@ -308,8 +308,8 @@ def test_accuracy_path_scores_an_exact_detector_at_map_one(workdir):
 
 def test_numpy_decoding_matches_the_model_head(workdir):
     """The decode parameters bench reads from the checkpoint give what the model's own Detect gives."""
-    from ghost_deploy.evaluate import decode_heads
-    from ghost_deploy.postprocess import decode_heads_np
+    from ghost_deploy.eval.evaluate import decode_heads
+    from ghost_deploy.eval.postprocess import decode_heads_np
 
     spec = head_spec_from_meta(read_meta(workdir["teacher"]), str(workdir["teacher"]))
     feed = preprocess(synthetic_frames(spec.input_names, 2, IMG), spec.input_names, IMG)
@@ -322,7 +322,7 @@ def test_numpy_decoding_matches_the_model_head(workdir):
 
 def test_ground_truth_matches_val_py(workdir):
     from ghost_deploy.data import Dataset, collate, load_dataset_yaml
-    from ghost_deploy.val import ground_truth
+    from ghost_deploy.eval.val import ground_truth
 
     dataset = Dataset(load_dataset_yaml(workdir["data"]), "val", IMG, augment=False)
     batch = collate([dataset[i] for i in range(3)])

@@ -9,7 +9,7 @@ from torch import nn
 
 import ghost_deploy
 from ghost_deploy.errors import UserError
-from ghost_deploy.quant import (BitPlan, average_weight_bits, bops, format_plan_table, plan_from_bits, profile_model,
+from ghost_deploy.quant import (BitPlan, check_plan_against_model, average_weight_bits, bops, format_plan_table, plan_from_bits, profile_model,
                                 quantize_model, size_mb, uniform_plan)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,7 +58,8 @@ def test_hand_edited_plan_loads(mixed_plan, tmp_path, tiny):
     data.pop("summary")
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(data))
-    plan = BitPlan.load(path, model=tiny)
+    plan = BitPlan.load(path)
+    check_plan_against_model(plan, tiny)
     assert plan.layers["model.3.conv"].weight_bits == 5
     assert plan.layers["model.24.m.1"].weight_is_float and plan.layers["model.24.m.1"].input_bits == 32
 
@@ -81,7 +82,7 @@ def test_loader_rejects_bad_plans_naming_file_and_layer(mixed_plan, tmp_path, ti
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match=message) as info:
-        BitPlan.load(path, model=tiny)
+        check_plan_against_model(BitPlan.load(path), tiny)
     assert info.value.path == str(path)
     assert str(path) in str(info.value)
 

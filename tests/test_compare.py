@@ -5,9 +5,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from ghost_deploy.compare import Budgets, box_iou, compare_outputs
+from ghost_deploy.parity.compare import Budgets, box_iou, compare_outputs
 from ghost_deploy.errors import UserError
-from ghost_deploy.parityset import load_parity_set, save_parity_set
+from ghost_deploy.parity.parityset import load_parity_set, save_parity_set
 
 
 def _outputs(seed=0):
@@ -166,7 +166,7 @@ def test_parity_set_errors(tmp_path):
 
 def _image(predictions, anchors, classes):
     """ImageDetections whose detections are the given anchors' predictions, scored for the given classes."""
-    from ghost_deploy.compare import ImageDetections
+    from ghost_deploy.parity.compare import ImageDetections
 
     predictions = np.asarray(predictions, dtype=np.float64)
     empty = ImageDetections(np.zeros((0, 6)), np.zeros(0, np.int64), predictions)
@@ -175,7 +175,7 @@ def _image(predictions, anchors, classes):
 
 
 def test_near_tied_boxes_that_nms_picks_differently_still_match_at_their_anchors():
-    from ghost_deploy.compare import compare_detections
+    from ghost_deploy.parity.compare import compare_detections
 
     # two anchors see one object with scores 0.50 / 0.49; the candidate's 0.49 / 0.50 makes NMS keep the other
     box_a, box_b = [10, 10, 30, 30], [11, 12, 31, 33]  # IoU 0.79 with each other: different boxes
@@ -197,7 +197,7 @@ def test_near_tied_boxes_that_nms_picks_differently_still_match_at_their_anchors
 
 
 def test_nms_reports_the_anchor_each_detection_came_from():
-    from ghost_deploy.postprocess import non_max_suppression_np
+    from ghost_deploy.eval.postprocess import non_max_suppression_np
 
     pred = np.zeros((1, 5, 7), np.float32)  # (cx, cy, w, h, obj, cls0, cls1)
     pred[0, 3] = [20, 20, 10, 10, 0.9, 0.9, 0.1]

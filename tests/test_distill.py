@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ghost_deploy.distill import (
+from ghost_deploy.train.distill import (
     OpenRateLog,
     SelfTeaching,
     gqsd_loss,
@@ -319,7 +319,7 @@ def test_autocast_keeps_distillation_in_float32():
 
 
 def test_with_detector_and_detection_loss_gradient_reaches_student_weights():
-    from ghost_deploy.loss import DetectionLoss
+    from ghost_deploy.train.loss import DetectionLoss
     from ghost_deploy.model import build_model
 
     torch.manual_seed(0)

@@ -12,16 +12,16 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from ghost_deploy.compare import Budgets  # noqa: E402
+from ghost_deploy.parity.compare import Budgets  # noqa: E402
 from ghost_deploy.engines import build, run_bundle_parity, why_no_engine  # noqa: E402
 from ghost_deploy.engines.bundle import BUNDLE_FILES, trtexec_commands  # noqa: E402
 from ghost_deploy.engines.receipt import (make_receipt, map_engine_layers_to_plan, plan_precision_report,  # noqa: E402
                                           read_l4t_release, verify_runtime, write_receipt)
-from ghost_deploy.engines.runners import OrtRunner  # noqa: E402
+from ghost_deploy.parity.runners import OrtRunner  # noqa: E402
 from ghost_deploy.engines.targets import detect_jetson, list_targets, load_target, resolve_target  # noqa: E402
 from ghost_deploy.engines.trt import parse_layer_information  # noqa: E402
 from ghost_deploy.errors import UserError  # noqa: E402
-from ghost_deploy.parityset import load_parity_set, save_parity_set  # noqa: E402
+from ghost_deploy.parity.parityset import load_parity_set, save_parity_set  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NC, STRIDES = 2, [8, 16]
@@ -89,7 +89,7 @@ def model(tmp_path_factory):
 
 def test_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import ghost_deploy.engines, ghost_deploy.compare, ghost_deploy.parityset\n"
+            "import ghost_deploy.engines, ghost_deploy.parity.compare, ghost_deploy.parity.parityset\n"
             "import ghost_deploy.engines.trt, ghost_deploy.engines.receipt, ghost_deploy.engines.bundle\n"
             "from ghost_deploy.engines.targets import list_targets; assert list_targets()\n"
             "print('ok')")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ghost_deploy.compare import Budgets, compare_outputs
+from ghost_deploy.parity.compare import Budgets, compare_outputs
 from ghost_deploy.engines.receipt import observe_environment, plan_precision_report, verify_runtime
 from ghost_deploy.engines.targets import detect_jetson, load_target
 from ghost_deploy.errors import ParityError
@@ -51,7 +51,7 @@ def _profile():
 
 @pytest.mark.parametrize("strongly_typed", [False, True])
 def test_build_and_run_qdq_engine(tiny, tmp_path, strongly_typed):
-    from ghost_deploy.engines.runners import OrtRunner
+    from ghost_deploy.parity.runners import OrtRunner
     from ghost_deploy.engines.trt import EngineRunner, build_engine, trt_major
 
     helpers, onnx_path, _ = tiny

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_deploy.boxes import box_iou, box_iou_np, xywh2xyxy, xyxy2xywh
-from ghost_deploy.evaluate import (MeanAP, decode_heads, evaluate_detections, format_ap_table,
+from ghost_deploy.eval.boxes import box_iou, box_iou_np, xywh2xyxy, xyxy2xywh
+from ghost_deploy.eval.evaluate import (MeanAP, decode_heads, evaluate_detections, format_ap_table,
                                    non_max_suppression, targets_to_pixels)
-from ghost_deploy.postprocess import decode_heads_np, non_max_suppression_np
+from ghost_deploy.eval.postprocess import decode_heads_np, non_max_suppression_np
 
 ANCHORS_PIXELS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
 
@@ -73,7 +73,7 @@ def test_box_helpers_torch_and_numpy_agree():
 
 
 def test_postprocess_does_not_import_torch():
-    code = "import sys, ghost_deploy.postprocess; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, ghost_deploy.eval.postprocess; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

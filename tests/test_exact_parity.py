@@ -5,14 +5,14 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from ghost_deploy.compare import Budgets
+from ghost_deploy.parity.compare import Budgets
 from ghost_deploy.errors import ParityError, UserError
-from ghost_deploy.exact_parity import check_exact_parity
+from ghost_deploy.parity.exact import check_exact_parity
 from ghost_deploy.export import export_onnx
-from ghost_deploy.export.cli import export_command
+from ghost_deploy.cli.export import export_command
 from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
-from ghost_deploy.parityset import load_parity_set
-from ghost_deploy.train import model_from_checkpoint
+from ghost_deploy.parity.parityset import load_parity_set
+from ghost_deploy.checkpoint import model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -95,7 +95,7 @@ def test_a_conv_records_its_largest_sum_and_can_fall_back_to_float_sums():
     import torch
     from torch import nn
 
-    from ghost_deploy.exact_parity import EXACT_SUM_LIMIT, ExactConv, ExactConvModule
+    from ghost_deploy.parity.exact import EXACT_SUM_LIMIT, ExactConv, ExactConvModule
     from ghost_deploy.quant.quantizers import QuantConv2d
 
     conv = QuantConv2d(nn.Conv2d(600, 2, 3, padding=1, bias=False), weight_bits=8, act_bits=8)

@@ -10,9 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 from ghost_deploy.errors import UserError
 from ghost_deploy.export import export_onnx, lint_qdq, load_our_onnx
 from ghost_deploy.export.sample import save_sample_checkpoint
-from ghost_deploy.parityset import load_parity_set
+from ghost_deploy.parity.parityset import load_parity_set
 from ghost_deploy.quant import quant_layers
-from ghost_deploy.train import model_from_checkpoint
+from ghost_deploy.checkpoint import model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -201,7 +201,7 @@ def test_bad_options_are_user_errors(exported, tmp_path):
 
 
 def test_cli_default_output_names(tmp_path):
-    from ghost_deploy.export.cli import default_out_path
+    from ghost_deploy.cli.export import default_out_path
 
     checkpoint = tmp_path / "best.safetensors"
     assert default_out_path(checkpoint, False, False, "trt") == tmp_path / "best.onnx"

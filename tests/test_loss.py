@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ghost_deploy.boxes import bbox_iou
-from ghost_deploy.loss import DetectionLoss
+from ghost_deploy.eval.boxes import bbox_iou
+from ghost_deploy.train.loss import DetectionLoss
 
 ANCHORS_PIXELS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
 

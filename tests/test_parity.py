@@ -10,10 +10,10 @@ from onnx import numpy_helper
 
 from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.export import api, export_onnx
-from ghost_deploy.export.cli import export_command
+from ghost_deploy.cli.export import export_command
 from ghost_deploy.export.sample import save_sample_checkpoint
-from ghost_deploy.parity import budgets_from_recipe, images_from_folder, localise
-from ghost_deploy.train import model_from_checkpoint
+from ghost_deploy.parity.gate import budgets_from_recipe, images_from_folder, localise
+from ghost_deploy.checkpoint import model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,7 +86,7 @@ def test_corrupted_weight_scale_fails_the_export_and_is_localised(setup, monkeyp
 
 def test_corrupted_input_scale_is_localised_to_its_quantizer(setup):
     """Q scale x1.5 on one activation quantizer read by a single conv: the gate fails there."""
-    from ghost_deploy.parity import run_gate
+    from ghost_deploy.parity.gate import run_gate
 
     graph = onnx.load(str(setup["good"].onnx_path))
     target = "model.5.conv"
@@ -102,7 +102,7 @@ def test_corrupted_input_scale_is_localised_to_its_quantizer(setup):
 
     path = setup["root"] / "input-corrupt.onnx"
     onnx.save(graph, str(path))
-    from ghost_deploy.parityset import load_parity_set
+    from ghost_deploy.parity.parityset import load_parity_set
 
     report = run_gate(load_parity_set(setup["good"].parity_set_path), path, budgets)
     assert not report.passed and any("cosine" in f for f in report.failures)
@@ -123,10 +123,10 @@ def test_impossible_budget_raises_parity_error_with_report(setup, tmp_path):
 
 def test_noise_floor_of_a_rounding_sensitive_model_is_measured(setup):
     """Noise of a given relative size in every layer: outputs move, a tight cosine budget fails, a loose one passes."""
-    from ghost_deploy.compare import Budgets
+    from ghost_deploy.parity.compare import Budgets
     from ghost_deploy.export.torch_graph import make_wrapper
-    from ghost_deploy.parity import LayerReport, noise_floor
-    from ghost_deploy.parityset import load_parity_set
+    from ghost_deploy.parity.gate import LayerReport, noise_floor
+    from ghost_deploy.parity.parityset import load_parity_set
 
     parity_set = load_parity_set(setup["good"].parity_set_path)
     model, meta = setup["model"], setup["meta"]

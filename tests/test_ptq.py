@@ -6,17 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_deploy.calib import calib_batches, load_calib_set, make_calib_set, range_coverage
+from ghost_deploy.data.calib import calib_batches, load_calib_set, make_calib_set, range_coverage
 from ghost_deploy.checkpoint import read_meta, save_checkpoint
 from ghost_deploy.data import Dataset, ensure_synthetic_dataset, load_dataset_yaml
 from ghost_deploy.errors import UserError
 from ghost_deploy.model import build_model
-from ghost_deploy.ptq import calibrate, entropy_threshold, ptq_checkpoint
+from ghost_deploy.quant.ptq import calibrate, entropy_threshold, ptq_checkpoint
 from ghost_deploy.quant import act_quantizers, plan_from_bits, quant_layers
 from ghost_deploy.quant.quantizers import qrange
 from ghost_deploy.quant.trace import conv_names
 from ghost_deploy.recipe import DEFAULTS
-from ghost_deploy.train import checkpoint_meta, make_loader, model_from_checkpoint
+from ghost_deploy.checkpoint import model_from_checkpoint
+from ghost_deploy.train.loop import checkpoint_meta, make_loader
 
 IMG = 64
 

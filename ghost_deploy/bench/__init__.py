@@ -8,7 +8,7 @@ See docs/bench.md.
 """
 from ghost_deploy.bench.backends import (Backend, BackendUnavailable, OrtBackend, TorchBackend, TrtBackend,
                                          backends_from_artifacts)
-from ghost_deploy.bench.compare import compare_results, format_comparison, load_result
+from ghost_deploy.bench.regression import compare_results, format_comparison, load_result
 from ghost_deploy.bench.run import FORMAT, artifacts_from_run, normalise_artifacts, run_bench
 from ghost_deploy.bench.timing import WarmupPolicy
 

@@ -38,7 +38,7 @@ def evaluate_backends(backends: Sequence[Backend], spec: HeadSpec, data_yaml: st
     A backend whose input batch is fixed (a static-shape ONNX or engine) is fed that batch size.
     """
     from ghost_deploy.data.dataset import Dataset, load_dataset_yaml
-    from ghost_deploy.evaluate import evaluate_detections
+    from ghost_deploy.eval.evaluate import evaluate_detections
 
     data_spec = load_dataset_yaml(data_yaml)
     check_modalities(data_spec, spec.input_names)

@@ -106,7 +106,7 @@ class TorchBackend(Backend):
 
         path = _require_file(Path(checkpoint), "checkpoint")
         self.meta = read_meta(path)
-        has_plan = bool(self.meta.get("bit_plan"))
+        has_plan = self.meta.quantized
         if fake_quant is None:
             fake_quant = has_plan
         if fake_quant and not has_plan:
@@ -119,14 +119,14 @@ class TorchBackend(Backend):
         self.path = path
         self.device = device
         self.threads = threads
-        self.input_names = tuple(self.meta.get("input_names") or ())
+        self.input_names = tuple(self.meta.input_names)
         self.model = None
 
     def _load(self) -> None:
         try:
             import torch
 
-            from ghost_deploy.train import model_from_checkpoint
+            from ghost_deploy.checkpoint import model_from_checkpoint
         except ImportError as exc:
             raise BackendUnavailable(f"cannot import PyTorch or the model code ({exc})") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():

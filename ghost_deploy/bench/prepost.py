@@ -3,7 +3,7 @@
 Pre-processing takes the two sensors' uint8 frames (RGB (H, W, 3), IR (H, W)), scales the long side to
 the model size, letterboxes both alike (pad 114) and packs them into float32 NCHW batches in [0, 1]:
 the same steps, and the same code, as the dataset's validation path. Post-processing decodes the raw
-head maps and runs NMS with the torch-free twins in `ghost_deploy.postprocess`.
+head maps and runs NMS with the torch-free twins in `ghost_deploy.eval.postprocess`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ghost_deploy.contract import CheckpointHeader, OnnxMetadata
 from ghost_deploy.errors import UserError
-from ghost_deploy.postprocess import decode_heads_np, non_max_suppression_np
+from ghost_deploy.eval.postprocess import decode_heads_np, non_max_suppression_np
+from ghost_deploy.onnx_graph import onnx_metadata
 
 CHANNELS = {"rgb": 3, "ir": 1}
 # Thresholds of a deployed detector (what the end-to-end latency is measured with) and of mAP scoring.
@@ -45,35 +47,24 @@ class HeadSpec:
                 "input_names": list(self.input_names), "img_size": self.img_size, "source": self.source}
 
 
-def head_spec_from_meta(meta: dict, source: str) -> HeadSpec:
-    """From a checkpoint's metadata (train.checkpoint_meta)."""
-    missing = [key for key in ("nc", "names", "strides", "anchors_pixels", "input_names", "img_size") if key not in meta]
+def head_spec_from_meta(meta: CheckpointHeader | OnnxMetadata, source: str) -> HeadSpec:
+    """From a checkpoint's header or an export's ONNX metadata (the same head geometry under two records)."""
+    anchors = meta.anchors_pixels if isinstance(meta, CheckpointHeader) else meta.anchors
+    missing = [key for key, value in (("strides", meta.strides), ("anchors", anchors), ("input_names", meta.input_names),
+                                      ("img_size", meta.img_size)) if not value]
     if missing:
         raise UserError(source, f"metadata lacks {missing}, needed to decode the heads")
-    anchors = np.asarray(meta["anchors_pixels"], dtype=np.float32).tolist()
-    return HeadSpec(nc=int(meta["nc"]), names=tuple(str(n) for n in meta["names"]),
-                    strides=tuple(float(s) for s in meta["strides"]),
+    anchors = np.asarray(anchors, dtype=np.float32).tolist()
+    return HeadSpec(nc=int(meta.nc), names=tuple(str(n) for n in meta.names),
+                    strides=tuple(float(s) for s in meta.strides),
                     anchors_pixels=tuple(tuple(map(tuple, level)) for level in anchors),
-                    input_names=tuple(meta["input_names"]), img_size=int(meta["img_size"]), source=str(source))
+                    input_names=tuple(meta.input_names), img_size=int(meta.img_size), source=str(source))
 
 
 def head_spec_from_onnx(path: str | Path) -> HeadSpec | None:
-    """From the `ghost.*` metadata_props our exporter writes (JSON values); None for a plain ONNX."""
-    from ghost_deploy.engines.receipt import read_onnx_metadata
-
-    meta: dict = {}
-    for key, value in read_onnx_metadata(path).items():
-        if key.startswith("ghost."):
-            try:
-                meta[key[len("ghost."):]] = json.loads(value)
-            except json.JSONDecodeError:
-                meta[key[len("ghost."):]] = value
-    if "anchors_pixels" not in meta and "anchors" in meta:  # the exporter's name for them
-        meta["anchors_pixels"] = meta["anchors"]
-    try:
-        return head_spec_from_meta(meta, str(path))
-    except UserError:
-        return None
+    """From the `ghost.*` metadata our exporter writes; None for a plain ONNX."""
+    meta = onnx_metadata(path)
+    return None if meta is None else head_spec_from_meta(meta, str(path))
 
 
 HEAD_OUTPUT = re.compile(r"^head_s(\d+)$")  # the exporter's head output names (head_s4, head_s8, ...)

@@ -91,29 +91,25 @@ def check_onnx_files(paths: Sequence[str]) -> None:
 
     A plain ONNX (no ghost.format) is allowed: bench times it, decoding with the checkpoint's parameters.
     """
-    from ghost_deploy.engines.receipt import read_onnx_metadata
-
     for path in paths:
         if not Path(path).is_file():
             raise UserError(path, "ONNX file not found")
-        if read_onnx_metadata(path).get("ghost.format"):
-            from ghost_deploy.export.metadata import load_our_onnx
-
+        if OnnxMetadata.is_ours(read_metadata_props(path)):
             load_our_onnx(path)
 
 
 def _check_agreement(spec: HeadSpec, artifacts: dict[str, list[str]]) -> None:
     """Every checkpoint and every exported ONNX must be a form of the same model (classes, inputs, size)."""
-    from ghost_deploy.checkpoint import read_meta
-
-    others = [(path, read_meta(path)) for path in artifacts["checkpoints"]]
-    others += [(path, other.to_dict()) for path in artifacts["onnx"] if (other := head_spec_from_onnx(path))]
-    for path, meta in others:
-        for key, value in (("nc", spec.nc), ("input_names", sorted(spec.input_names)), ("img_size", spec.img_size)):
-            theirs = sorted(meta[key]) if key == "input_names" and key in meta else meta.get(key)
-            if theirs is not None and theirs != value:
-                raise UserError(path, f"{key} is {meta[key]!r} but {spec.source} has {value!r}: "
-                                "bench compares forms of one model")
+    others = [head_spec_from_meta(read_meta(path), path) for path in artifacts["checkpoints"]]
+    others += [other for path in artifacts["onnx"] if (other := head_spec_from_onnx(path))]
+    for other in others:
+        for key in ("nc", "input_names", "img_size"):
+            theirs, ours = getattr(other, key), getattr(spec, key)
+            if key == "input_names":
+                theirs, ours = sorted(theirs), sorted(ours)
+            if theirs != ours:
+                raise UserError(other.source, f"{key} is {getattr(other, key)!r} but {spec.source} has "
+                                f"{getattr(spec, key)!r}: bench compares forms of one model")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -160,12 +156,10 @@ def _progress_bar(enabled: bool, total: int, desc: str):
 
 
 def _bit_plan_summary(artifacts: dict[str, list[str]]) -> dict | None:
-    from ghost_deploy.bench.bitplan import plan_summary
-    from ghost_deploy.checkpoint import read_meta
-
     for path in artifacts["checkpoints"]:
-        if read_meta(path).get("bit_plan"):
-            return plan_summary(path)
+        plan = read_meta(path).bit_plan
+        if plan is not None:
+            return plan_summary(plan, path)
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ghost_deploy.contract import OnnxMetadata
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import sha256_file
 
@@ -37,12 +38,8 @@ def onnx_precision(path: str | os.PathLike) -> str:
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     graph = model.graph
     int4_types = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4") if hasattr(onnx.TensorProto, name)}
-    if metadata.get("ghost.precision") == "fp32":
-        return "fp32"
-    if metadata.get("ghost.precision") == "qdq":
-        int4 = (metadata.get("ghost.int4_weights") == "true"
-                or metadata.get("ghost.int4_layers", "[]") not in ("[]", "", "null"))  # older exports: the layer list
-        return ("int4w-qdq" if int4 else "int8-qdq") + ("-cpu" if metadata.get("ghost.target") == "cpu" else "")
+    if OnnxMetadata.is_ours(metadata):
+        return OnnxMetadata.from_strings(metadata, source=path).int4_label
     if any(init.data_type in int4_types for init in graph.initializer):
         return "int4w-qdq"
     if any(node.op_type in _QDQ_OPS or node.op_type.startswith("QLinear") for node in graph.node):

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
-from ..errors import UserError
-from .augment import DEFAULT_HYP, boxes_from_labels, compose, downsample2x, labels_from_boxes, resize_long_side
-from .images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, probe_image, read_ir, read_rgb
-from .labels import label_path_for, parse_label_file
-from .spec import DatasetSpec, load_dataset_yaml
+from ghost_deploy.errors import UserError
+from ghost_deploy.data.augment import DEFAULT_HYP, boxes_from_labels, compose, downsample2x, labels_from_boxes, resize_long_side
+from ghost_deploy.data.images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, probe_image, read_ir, read_rgb
+from ghost_deploy.data.labels import label_path_for, parse_label_file
+from ghost_deploy.data.spec import DatasetSpec, load_dataset_yaml
 
 __all__ = [
     "DataWarning", "Dataset", "DatasetSpec", "Sample", "collate", "load_dataset_yaml", "make_loader",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import read_user_text
+from ghost_deploy.errors import UserError
+from ghost_deploy.io import read_user_text
 
 # Converters print 6 decimals and round-trips through float32 add a little more; anything beyond this
 # slack is a real out-of-range coordinate, not rounding.

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..errors import UserError
-from ..io import read_user_yaml
+from ghost_deploy.errors import UserError
+from ghost_deploy.io import read_user_yaml
 
 MODALITIES = ("rgb", "ir")
 SPLITS = ("train", "val", "test")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ghost_deploy.compare import Budgets
+from ghost_deploy.parity.compare import Budgets
 from ghost_deploy.engines.bundle import BUNDLE_TARGET, run_bundle_parity, run_parity, write_bundle
 from ghost_deploy.engines.receipt import (file_hashes, make_receipt, observe_environment, read_bit_plan,
                                           read_onnx_metadata, verify_runtime, write_receipt)
-from ghost_deploy.engines.runners import OrtRunner
+from ghost_deploy.parity.runners import OrtRunner
 from ghost_deploy.engines.targets import list_targets, load_target, resolve_target
 from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.io import sha256_file
-from ghost_deploy.parityset import load_parity_set
+from ghost_deploy.parity.parityset import load_parity_set
 
 __all__ = ["build", "default_parity_set_path", "why_no_engine", "run_parity", "run_bundle_parity", "OrtRunner",
            "load_target", "list_targets", "resolve_target", "verify_runtime"]
@@ -63,7 +63,7 @@ def _onnx_installed() -> bool:
 
 def _check_pairing(onnx_path: Path, parity_set, parity_path: Path) -> None:
     """The parity set must be the one made for this very ONNX file (export records the ONNX's sha256 in it)."""
-    expected = parity_set.meta.get("onnx_sha256")
+    expected = parity_set.meta.onnx_sha256
     if expected and expected != sha256_file(onnx_path):
         raise UserError(onnx_path, f"does not match its parity set {parity_path.name} (sha256 differs from the ONNX "
                                    "export paired it with): the ONNX was edited after export, or the parity set is another model's")
@@ -133,7 +133,7 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     if not parity_path.is_file():
         raise UserError(parity_path, "parity set not found (export writes it beside the ONNX; or pass --parity-set)")
     loaded = load_parity_set(parity_path)
-    budget = Budgets.from_dict(budgets if budgets is not None else loaded.meta.get("budgets"))
+    budget = Budgets.from_dict(budgets if budgets is not None else loaded.meta.budgets)
     _check_pairing(onnx_path, loaded, parity_path)
     bit_plan = read_bit_plan(onnx_path, metadata)
     hashes = file_hashes(checkpoint=checkpoint, onnx=onnx_path, parity_set=parity_path)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ghost_deploy.compare import Budgets, ParityReport, compare_outputs
+from ghost_deploy.parity.compare import Budgets, ParityReport, compare_outputs
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
-from ghost_deploy.parityset import ParitySet, load_parity_set
+from ghost_deploy.parity.parityset import ParitySet, load_parity_set
 
 BUNDLE_ONNX = "model.onnx"
 BUNDLE_PARITY = "parity.npz"
@@ -31,46 +31,6 @@ BUNDLE_TRTEXEC = "TRTEXEC.md"
 BUNDLE_README = "README.txt"
 BUNDLE_TIMING_CACHE = "timing.cache"
 BUNDLE_FILES = (BUNDLE_ONNX, BUNDLE_PARITY, BUNDLE_TARGET, BUNDLE_RECEIPT, BUNDLE_SCRIPT, BUNDLE_TRTEXEC, BUNDLE_README)
-
-
-def run_parity(parity_set: ParitySet, runner, budgets: Budgets | None = None, batch_size: int = 1) -> ParityReport:
-    """Run `runner` on the parity inputs (in chunks of `batch_size` images) and compare with the reference.
-
-    Budgets come from the parity set's meta unless given; detections are compared when the meta describes
-    the heads (strides, anchors, nc). Candidates are decoded at half the score threshold so a detection
-    that dips just under it is still matched (and judged by its score change) rather than called missing.
-    """
-    budgets = budgets or Budgets.from_dict(parity_set.meta.get("budgets"))
-    missing = [n for n in parity_set.input_names if n not in runner.input_names]
-    if missing:
-        raise UserError(parity_set.path, f"parity inputs {missing} are not inputs of the model ({runner.input_names})")
-    count = len(next(iter(parity_set.inputs.values())))
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in parity_set.output_names}
-    for start in range(0, count, batch_size):
-        feed = {n: parity_set.inputs[n][start:start + batch_size] for n in parity_set.input_names}
-        produced = runner.infer(feed)
-        for name in parity_set.output_names:
-            if name in produced:
-                chunks[name].append(np.asarray(produced[name]))
-    candidate = {name: np.concatenate(parts, axis=0) for name, parts in chunks.items() if parts}
-    detection_fn = parity_set.detection_fn(conf_thres=budgets.score_threshold / 2)
-    return compare_outputs(parity_set.outputs, candidate, budgets,
-                           output_scales=parity_set.meta.get("output_scales"), detection_fn=detection_fn)
-
-
-def run_bundle_parity(bundle_dir, runner, budgets: Budgets | None = None) -> ParityReport:
-    """The bundle's parity check: its parity set (hash checked against the partial receipt) through `runner`."""
-    bundle_dir = Path(bundle_dir)
-    receipt_path = bundle_dir / BUNDLE_RECEIPT
-    try:
-        receipt = json.loads(receipt_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(receipt_path, f"not a readable bundle receipt ({exc})") from None
-    parity_set = load_parity_set(bundle_dir / BUNDLE_PARITY)
-    expected = (receipt.get("hashes") or {}).get("parity_set")
-    if expected and expected != parity_set.sha256:
-        raise UserError(bundle_dir / BUNDLE_PARITY, "parity set does not match the hash in the bundle receipt")
-    return run_parity(parity_set, runner, budgets)
 
 
 def onnx_input_dims(onnx_path) -> dict[str, list]:
@@ -210,3 +170,18 @@ def write_bundle(onnx_path, parity_set_path, profile, out_dir, *, reason: str, t
         with tarfile.open(tmp, "w:gz") as archive:
             archive.add(final, arcname=final.name)
     return {"bundle_dir": str(final), "bundle_tar": str(tar_path), "bundle_tar_sha256": sha256_file(tar_path)}
+
+
+def run_bundle_parity(bundle_dir, runner, budgets: Budgets | None = None) -> ParityReport:
+    """The bundle's parity check: its parity set (hash checked against the partial receipt) through `runner`."""
+    bundle_dir = Path(bundle_dir)
+    receipt_path = bundle_dir / BUNDLE_RECEIPT
+    try:
+        receipt = json.loads(receipt_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(receipt_path, f"not a readable bundle receipt ({exc})") from None
+    parity_set = load_parity_set(bundle_dir / BUNDLE_PARITY)
+    expected = (receipt.get("hashes") or {}).get("parity_set")
+    if expected and expected != parity_set.sha256:
+        raise UserError(bundle_dir / BUNDLE_PARITY, "parity set does not match the hash in the bundle receipt")
+    return run_parity(parity_set, runner, budgets)

@@ -16,15 +16,28 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
-from .. import __version__
-from ..errors import ParityError, UserError
-from ..io import sha256_file, write_json_atomic
-from . import onnx_qdq, torch_graph
-from .checks import bits_preserved, quantization_signature, signature_changes
-from .graph import name_tensors_after_nodes
-from .lint import Finding, errors, lint_qdq
-from .metadata import load_our_onnx, read_metadata, set_metadata
+from ghost_deploy import __version__
+from ghost_deploy.checkpoint import model_from_checkpoint
+from ghost_deploy.contract import CheckpointHeader, OnnxMetadata, ParityMeta
+from ghost_deploy.errors import ParityError, UserError
+from ghost_deploy.export import onnx_qdq, torch_graph
+from ghost_deploy.export.checks import bits_preserved, quantization_signature, signature_changes
+from ghost_deploy.export.cpu_form import to_cpu_form
+from ghost_deploy.export.lint import Finding, errors, lint_qdq
+from ghost_deploy.export.localise import localise, noise_floor
+from ghost_deploy.export.metadata import load_our_onnx, read_metadata, set_metadata
+from ghost_deploy.export.reference import TorchRunner, check_exact_parity
+from ghost_deploy.io import sha256_file, write_json_atomic
+from ghost_deploy.model.detector import INPUT_CHANNELS
+from ghost_deploy.onnx_graph import name_tensors_after_nodes
+from ghost_deploy.parity.gate import run_gate, run_in_chunks
+from ghost_deploy.parity.inputs import budgets_from_recipe, parity_image_count, resolve_parity_inputs
+from ghost_deploy.parity.inputs import parity_arithmetic as recipe_arithmetic
+from ghost_deploy.parity.parityset import ParitySet, save_parity_set
+from ghost_deploy.quant import fold_bn
+from ghost_deploy.quant.trace import conv_names
 
 REPORT_FORMAT = "ghost-deploy/export-report/v1"
 TARGETS = ("trt", "cpu")
@@ -78,6 +91,82 @@ def _check_options(target, opset, fp32, int4_weights) -> int:
     return max(opset, onnx_qdq.INT4_OPSET) if int4_weights else opset
 
 
+@dataclass
+class ExportOptions:
+    """What `export_onnx` was asked for (the report records it)."""
+
+    fp32: bool = False
+    int4_weights: bool = False
+    simplify: bool = True
+    opset: int = 17
+    target: str = "trt"
+    decode: bool = False
+    parity: bool = True
+    parity_images: str | None = None
+    per_layer: bool = False
+    data: str | None = None
+    parity_arithmetic: str | None = None
+    parity_config: dict | None = None
+
+    def to_report(self, final_opset: int) -> dict:
+        return {"fp32": self.fp32, "int4_weights": self.int4_weights, "simplify": self.simplify, "opset": final_opset,
+                "target": self.target, "decode": self.decode, "parity": self.parity, "per_layer": self.per_layer,
+                "parity_arithmetic": self.parity_arithmetic,
+                "parity_images": None if self.parity_images is None else str(self.parity_images),
+                "data": None if self.data is None else str(self.data)}
+
+
+@dataclass
+class BuiltExport:
+    """The graph as built from the checkpoint, before any check."""
+
+    graph: onnx.ModelProto
+    trt_form: onnx.ModelProto  # what the exact-arithmetic check rewrites (the CPU form re-encodes it)
+    convs: dict
+    acts: dict
+    reference: object  # the PyTorch model the parity reference runs
+    header: CheckpointHeader
+    input_names: list[str]
+    output_names: list[str]
+    heads: list[str]
+    img_size: int
+    final_opset: int
+    checkpoint_sha: str | None
+    int4_layers: list
+    cpu_summary: object
+    qdq_counts: dict
+    simplify_note: str
+    timings: dict
+
+
+@dataclass
+class GraphChecks:
+    layers: list[dict]
+    bits_ok: bool
+    findings: list
+    lint_note: str
+    output_scales: dict
+
+    @property
+    def lint_errors(self) -> list:
+        return errors(self.findings)
+
+
+@dataclass
+class GateOutcome:
+    """What the parity step found; every field None/default when parity was skipped."""
+
+    report: object = None
+    layer_report: object = None
+    parity_set: object = None
+    kernels_report: object = None
+    floor: object = None
+    exact: object = None
+    arithmetic: str = "float32"
+    passed: bool = True
+    note: str = "skipped (parity=False)"
+
+
 def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: bool = False, simplify: bool = True,
                 opset: int = 17, target: str = "trt", decode: bool = False, parity: bool = True,
                 parity_images=None, per_layer: bool = False, data=None, progress: bool = True,
@@ -85,174 +174,45 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     """Export a checkpoint to ONNX with explicit quantization and gate it on parity with PyTorch.
 
     `parity_arithmetic` ("float32" or "exact", default: the recipe's) picks the comparison that decides the gate;
-    both run (exact_parity.py). `parity_config` replaces the checkpoint's recipe `parity` section (budgets, images,
+    both run (parity/exact.py). `parity_config` replaces the checkpoint's recipe `parity` section (budgets, images,
     arithmetic), e.g. with the one of the recipe a pipeline runs.
 
     Raises UserError for bad input and ParityError when the bits, the TensorRT lint or the parity gate fail
     (the report is written and the ONNX kept only as <stem>.FAILED.onnx).
     """
-    from ..train import model_from_checkpoint
-
+    options = ExportOptions(fp32, int4_weights, simplify, opset, target, decode, parity, parity_images, per_layer,
+                            data, parity_arithmetic, parity_config)
     started = time.perf_counter()
     log = print if progress else (lambda *a, **k: None)
-    final_opset = _check_options(target, opset, fp32, int4_weights)
-    if parity_arithmetic not in (None, "float32", "exact"):
-        raise UserError("--parity-arithmetic", f"must be float32 or exact, got {parity_arithmetic!r}")
     checkpoint_path, out_path = Path(checkpoint_path), Path(out_path)
     paths = sidecar_paths(out_path)
-    checkpoint_sha = sha256_file(checkpoint_path) if checkpoint_path.is_file() else None
-    model, meta = model_from_checkpoint(checkpoint_path, with_sr=False)
-    quantized = bool(meta.get("bit_plan"))
-    if not fp32 and not quantized:
-        raise UserError(checkpoint_path, "checkpoint has no bit plan (an FP32 model): export it with fp32=True (--fp32)")
-    img_size = int(meta["img_size"])
-    input_names = list(meta.get("input_names") or model.input_names)
-    heads = torch_graph.head_names(meta["strides"])
-    output_names = heads + ([DECODED_OUTPUT] if decode else [])
-    log(f"export: {checkpoint_path} -> {out_path} ({'FP32' if fp32 else 'QDQ'}, target {target}, opset {final_opset})")
-
-    # --- the graph
-    built = _build_graph(model, meta, fp32, decode, img_size, input_names, output_names)
-    graph, convs, acts, reference = built
-    timings = {"torch_export_s": round(time.perf_counter() - started, 3)}
-    if final_opset > TORCH_EXPORT_OPSET:
-        graph = onnx_qdq.upgrade_opset(graph, final_opset)
-    counts_before = onnx_qdq.qdq_counts(graph)
-    simplify_note = _simplify(graph, simplify) if simplify else "skipped (simplify=False)"
-    if isinstance(simplify_note, tuple):
-        graph, simplify_note = simplify_note
-    counts_after = onnx_qdq.qdq_counts(graph)
-    int4_layers = onnx_qdq.store_int4_weights(graph, convs) if int4_weights else []
-    cpu_summary = None
-    trt_form = graph  # what the exact-arithmetic check rewrites (the CPU form re-encodes it)
-    if target == "cpu" and not fp32:
-        from .cpu_form import to_cpu_form
-
-        trt_form = copy.deepcopy(graph)
-        cpu_summary = to_cpu_form(graph)
-    graph = _check_graph(graph)
-
-    # --- checks on the graph itself
-    layers = _layer_rows(graph, convs, acts) if not fp32 else []
-    bits_ok = all(row["status"] in ("bits preserved", "float weights") for row in layers)
-    if target == "trt":
-        findings = lint_qdq(graph)
-        lint_note = "TensorRT 10.x/11.x explicit-quantization rules"
-    else:
-        findings, lint_note = [], "skipped: target cpu is ONNX Runtime's form (u8 codes, code clips), not for TensorRT"
-    lint_errors = errors(findings)
-    output_scales = {} if fp32 else _head_scales(graph, heads, convs, acts)
-
+    built = build_export(checkpoint_path, options, log)
+    checks = check_graph(built, options)
     # Every consumer (ORT, TensorRT, onnx) infers the shapes again; stored, they were 6% of the file.
-    del graph.graph.value_info[:]
-    name_tensors_after_nodes(graph)
-
-    # --- metadata (last change to the graph: the hash covers it)
-    metadata = set_metadata(graph, {
-        "model": str(meta["model"]), "nc": int(meta["nc"]), "names": list(meta["names"]),
-        "input_mode": str(meta["input_mode"]), "input_names": input_names, "img_size": img_size,
-        "strides": list(meta["strides"]), "anchors": meta["anchors_pixels"], "head_output_names": heads,
-        "output_names": output_names, "bit_plan": None if fp32 else meta["bit_plan"],
-        "precision": "fp32" if fp32 else "qdq", "target": target, "int4_weights": bool(int4_layers),
-        "checkpoint_sha256": checkpoint_sha or "", "exporter": f"ghost-deploy {__version__}",
-    })
+    del built.graph.graph.value_info[:]
+    name_tensors_after_nodes(built.graph)
+    metadata = set_metadata(built.graph, _onnx_metadata(built, options))  # last change: the hash covers it
     out_path.parent.mkdir(parents=True, exist_ok=True)
     checking = out_path.with_name(f".{out_path.name}.{os.getpid()}.checking.onnx")
-    onnx.save(graph, str(checking))
+    onnx.save(built.graph, str(checking))
     try:
-        parity_report = layer_report = parity_set = parity_inputs = kernels_report = floor = exact = None
-        arithmetic, parity_ok = "float32", True
-        parity_note = "skipped (parity=False)"
-        if parity:
-            from ..parity import budgets_from_recipe, localise, noise_floor, parity_image_count, resolve_parity_inputs
-            from ..parity import parity_arithmetic as recipe_arithmetic
-            from ..parity import run_gate
-
-            gate_started = time.perf_counter()
-            # the checkpoint's recipe, unless the caller brings its own parity section (the pipeline: its run's recipe)
-            parity_recipe = meta.get("recipe") if parity_config is None else {"parity": parity_config}
-            budgets = budgets_from_recipe(parity_recipe)
-            count = parity_image_count(parity_recipe)
-            parity_inputs = resolve_parity_inputs(meta, img_size, count, parity_images, data)
-            parity_set = _reference_parity_set(reference, meta, decode, img_size, input_names, output_names, heads,
-                                               parity_inputs, budgets, output_scales, checkpoint_sha)
-            # the gate checks what the file computes (ORT's Q/DQ rewrites off); see engines.runners.OrtRunner
-            parity_report = run_gate(parity_set, checking, budgets, exact=True)
-            if target == "cpu":  # and, for information, what ORT's integer kernels make of it
-                kernels_report = run_gate(parity_set, checking, budgets, exact=False)
-            # exact arithmetic is about quantized convs: an FP32 export is compared as written
-            arithmetic = "float32" if fp32 else parity_arithmetic or recipe_arithmetic(parity_recipe)
-            parity_ok = parity_report.passed
-            if not fp32:
-                from ..exact_parity import check_exact_parity
-
-                exact = check_exact_parity(reference, meta, trt_form, parity_set, budgets, img_size, decode,
-                                           cpu_form=checking if target == "cpu" else None)
-                if arithmetic == "exact":
-                    parity_ok = exact.passed
-            parity_note = f"{parity_inputs.count} images from {parity_inputs.source}"
-            if per_layer or not parity_ok or not parity_report.passed:
-                layer_bits = {name: (spec.weight_bits, acts[spec.act_key].bits if spec.act_key else None)
-                              for name, spec in convs.items()} if not fp32 else \
-                             {name: (None, None) for name in _conv_names(reference)}
-                layer_report = localise(reference, graph, parity_inputs.inputs, layer_bits, budgets, exact=True)
-                floor = noise_floor(torch_graph.make_wrapper(reference, meta, img_size, decode), reference, parity_set,
-                                    layer_report, budgets)
-            timings["parity_s"] = round(time.perf_counter() - gate_started, 3)
-        passed = bits_ok and not lint_errors and parity_ok
+        gate = run_export_gate(built, checks, options, checking) if parity else GateOutcome()
+        passed = checks.bits_ok and not checks.lint_errors and gate.passed
         final = out_path if passed else paths["failed"]
         os.replace(checking, final)
     finally:
         if checking.exists():
             checking.unlink()
-
-    onnx_sha = sha256_file(final)
-    parity_path = None
-    stale = [out_path, paths["parity"]] if not passed else [paths["failed"]]
-    for old in stale:
+    for old in ([out_path, paths["parity"]] if not passed else [paths["failed"]]):
         _remove_if_ours(old)
-    if passed and parity_set is not None:
-        from ..parityset import save_parity_set
-
-        if arithmetic == "exact" and exact is not None:  # engines are then held to the exact reference too
-            parity_set.outputs = exact.reference_outputs
-            parity_set.meta["reference"] = ("PyTorch, the checkpoint's model with BN folded, each conv accumulating "
-                                            "its integer codes exactly (exact arithmetic, as TensorRT's INT8 convs)")
-        parity_set.meta["arithmetic"] = arithmetic
-
-        parity_set.meta["onnx_sha256"] = onnx_sha
-        parity_path = paths["parity"]
-        parity_sha = save_parity_set(parity_path, parity_set.inputs, parity_set.outputs, parity_set.meta)
-    timings["total_s"] = round(time.perf_counter() - started, 3)
-    report = {
-        "format": REPORT_FORMAT, "passed": passed, "exporter": f"ghost-deploy {__version__}",
-        "checkpoint": str(checkpoint_path), "checkpoint_sha256": checkpoint_sha,
-        "onnx": str(final), "onnx_sha256": onnx_sha, "onnx_bytes": final.stat().st_size,
-        "parity_set": None if parity_path is None else str(parity_path),
-        "parity_set_sha256": None if parity_path is None else parity_sha,
-        "options": {"fp32": fp32, "int4_weights": int4_weights, "simplify": simplify, "opset": final_opset,
-                    "target": target, "decode": decode, "parity": parity, "per_layer": per_layer,
-                    "parity_arithmetic": parity_arithmetic,
-                    "parity_images": None if parity_images is None else str(parity_images),
-                    "data": None if data is None else str(data)},
-        "inputs": input_names, "outputs": output_names, "img_size": img_size,
-        "qdq_counts": {"before_simplify": counts_before, "after_simplify": counts_after},
-        "simplify": simplify_note, "int4_layers": int4_layers, "cpu_form": None if cpu_summary is None else cpu_summary.to_dict(),
-        "layers": layers, "bits_preserved": bits_ok,
-        "lint": {"rules": lint_note, "errors": len(lint_errors), "warnings": len(findings) - len(lint_errors),
-                 "findings": [f.to_dict() for f in findings]},
-        "parity": {"source": parity_note, "report": None if parity_report is None else parity_report.to_dict(),
-                   "per_layer": None if layer_report is None else layer_report.to_dict(),
-                   "noise_floor": None if floor is None else floor.to_dict(),
-                   "arithmetic": arithmetic if parity_report is not None else None,
-                   "exact_arithmetic": None if exact is None else exact.to_dict(),
-                   "ort_integer_kernels": None if kernels_report is None else kernels_report.to_dict(),
-                   "ort_integer_kernels_note": None if kernels_report is None else ORT_KERNELS_NOTE},
-        "metadata_keys": sorted(metadata), "notes": [TENSORRT_INT4_NOTE], "timings": timings,
-    }
+    onnx_sha = sha256_file(final)
+    parity_path, parity_sha = _save_parity_set(gate, paths["parity"], onnx_sha) if passed else (None, None)
+    built.timings["total_s"] = round(time.perf_counter() - started, 3)
+    report = export_report(built, checks, gate, options, checkpoint_path, final, onnx_sha, parity_path, parity_sha,
+                           metadata, passed)
     write_json_atomic(paths["report"], report)
-    result = ExportResult(final, paths["report"], parity_path, passed, layers, findings, parity_report, layer_report, report,
-                          floor, exact)
+    result = ExportResult(final, paths["report"], parity_path, passed, checks.layers, checks.findings, gate.report,
+                          gate.layer_report, report, gate.floor, gate.exact)
     if progress:
         log(format_report(result))
     if not passed:
@@ -260,17 +220,145 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     return result
 
 
+def build_export(checkpoint_path: Path, options: ExportOptions, log) -> BuiltExport:
+    """Checkpoint -> QDQ (or FP32) graph: torch export, opset upgrade, simplify, INT4 weights, CPU form."""
+    started = time.perf_counter()
+    final_opset = _check_options(options.target, options.opset, options.fp32, options.int4_weights)
+    if options.parity_arithmetic not in (None, "float32", "exact"):
+        raise UserError("--parity-arithmetic", f"must be float32 or exact, got {options.parity_arithmetic!r}")
+    checkpoint_sha = sha256_file(checkpoint_path) if checkpoint_path.is_file() else None
+    model, header = model_from_checkpoint(checkpoint_path, with_sr=False)
+    if not options.fp32 and not header.quantized:
+        raise UserError(checkpoint_path, "checkpoint has no bit plan (an FP32 model): export it with fp32=True (--fp32)")
+    img_size = int(header.img_size)
+    input_names = list(header.input_names or model.input_names)
+    heads = torch_graph.head_names(header.strides)
+    output_names = heads + ([DECODED_OUTPUT] if options.decode else [])
+    log(f"export: {checkpoint_path} ({'FP32' if options.fp32 else 'QDQ'}, target {options.target}, opset {final_opset})")
+    graph, convs, acts, reference = _build_graph(model, header, options.fp32, options.decode, img_size, input_names,
+                                                 output_names)
+    timings = {"torch_export_s": round(time.perf_counter() - started, 3)}
+    if final_opset > TORCH_EXPORT_OPSET:
+        graph = onnx_qdq.upgrade_opset(graph, final_opset)
+    counts = {"before_simplify": onnx_qdq.qdq_counts(graph)}
+    simplify_note = _simplify(graph, options.simplify) if options.simplify else "skipped (simplify=False)"
+    if isinstance(simplify_note, tuple):
+        graph, simplify_note = simplify_note
+    counts["after_simplify"] = onnx_qdq.qdq_counts(graph)
+    int4_layers = onnx_qdq.store_int4_weights(graph, convs) if options.int4_weights else []
+    cpu_summary, trt_form = None, graph
+    if options.target == "cpu" and not options.fp32:
+        trt_form = copy.deepcopy(graph)
+        cpu_summary = to_cpu_form(graph)
+    return BuiltExport(_check_graph(graph), trt_form, convs, acts, reference, header, input_names, output_names,
+                       heads, img_size, final_opset, checkpoint_sha, int4_layers, cpu_summary, counts, simplify_note,
+                       timings)
+
+
+def check_graph(built: BuiltExport, options: ExportOptions) -> GraphChecks:
+    """Checks on the graph itself: bits preserved per layer, TensorRT lint, head output scales."""
+    layers = _layer_rows(built.graph, built.convs, built.acts) if not options.fp32 else []
+    bits_ok = all(row["status"] in ("bits preserved", "float weights") for row in layers)
+    if options.target == "trt":
+        findings, lint_note = lint_qdq(built.graph), "TensorRT 10.x/11.x explicit-quantization rules"
+    else:
+        findings, lint_note = [], "skipped: target cpu is ONNX Runtime's form (u8 codes, code clips), not for TensorRT"
+    output_scales = {} if options.fp32 else _head_scales(built.graph, built.heads, built.convs, built.acts)
+    return GraphChecks(layers, bits_ok, findings, lint_note, output_scales)
+
+
+def _onnx_metadata(built: BuiltExport, options: ExportOptions) -> OnnxMetadata:
+    header = built.header
+    return OnnxMetadata(
+        model=str(header.model), nc=int(header.nc), names=list(header.names), input_mode=str(header.input_mode),
+        input_names=built.input_names, img_size=built.img_size, strides=list(header.strides),
+        anchors=header.anchors_pixels, head_output_names=built.heads, output_names=built.output_names,
+        bit_plan=None if options.fp32 else header.bit_plan, precision="fp32" if options.fp32 else "qdq",
+        target=options.target, int4_weights=bool(built.int4_layers), checkpoint_sha256=built.checkpoint_sha or "",
+        exporter=f"ghost-deploy {__version__}")
+
+
+def run_export_gate(built: BuiltExport, checks: GraphChecks, options: ExportOptions, checking: Path) -> GateOutcome:
+    """The parity step: the reference parity set, ORT on the file as written, exact arithmetic, and on a failure
+    (or --per-layer) the per-layer localisation and the float32 noise floor."""
+    gate_started = time.perf_counter()
+    header, fp32 = built.header, options.fp32
+    # the checkpoint's recipe, unless the caller brings its own parity section (the pipeline: its run's recipe)
+    parity_recipe = header.recipe if options.parity_config is None else {"parity": options.parity_config}
+    budgets = budgets_from_recipe(parity_recipe)
+    parity_inputs = resolve_parity_inputs(header, built.img_size, parity_image_count(parity_recipe),
+                                          options.parity_images, options.data)
+    parity_set = _reference_parity_set(built, options.decode, parity_inputs, budgets, checks.output_scales)
+    gate = GateOutcome(parity_set=parity_set, note=f"{parity_inputs.count} images from {parity_inputs.source}")
+    # the gate checks what the file computes (ORT's Q/DQ rewrites off); see parity.runners.OrtRunner
+    gate.report = run_gate(parity_set, checking, budgets, exact=True)
+    if options.target == "cpu":  # and, for information, what ORT's integer kernels make of it
+        gate.kernels_report = run_gate(parity_set, checking, budgets, exact=False)
+    # exact arithmetic is about quantized convs: an FP32 export is compared as written
+    gate.arithmetic = "float32" if fp32 else options.parity_arithmetic or recipe_arithmetic(parity_recipe)
+    gate.passed = gate.report.passed
+    if not fp32:
+        gate.exact = check_exact_parity(built.reference, header, built.trt_form, parity_set, budgets, built.img_size,
+                                        options.decode, cpu_form=checking if options.target == "cpu" else None)
+        if gate.arithmetic == "exact":
+            gate.passed = gate.exact.passed
+    if options.per_layer or not gate.passed or not gate.report.passed:
+        layer_bits = {name: (spec.weight_bits, built.acts[spec.act_key].bits if spec.act_key else None)
+                      for name, spec in built.convs.items()} if not fp32 else \
+                     {name: (None, None) for name in conv_names(built.reference)}
+        gate.layer_report = localise(built.reference, built.graph, parity_inputs.inputs, layer_bits, budgets, exact=True)
+        wrapper = torch_graph.make_wrapper(built.reference, header, built.img_size, options.decode)
+        gate.floor = noise_floor(wrapper, built.reference, parity_set, gate.layer_report, budgets)
+    built.timings["parity_s"] = round(time.perf_counter() - gate_started, 3)
+    return gate
+
+
+def _save_parity_set(gate: GateOutcome, path: Path, onnx_sha: str):
+    if gate.parity_set is None:
+        return None, None
+    parity_set = gate.parity_set
+    if gate.arithmetic == "exact" and gate.exact is not None:  # engines are then held to the exact reference too
+        parity_set.outputs = gate.exact.reference_outputs
+        parity_set.meta.reference = ("PyTorch, the checkpoint's model with BN folded, each conv accumulating "
+                                     "its integer codes exactly (exact arithmetic, as TensorRT's INT8 convs)")
+    parity_set.meta.arithmetic = gate.arithmetic
+    parity_set.meta.onnx_sha256 = onnx_sha
+    return path, save_parity_set(path, parity_set.inputs, parity_set.outputs, parity_set.meta)
+
+
+def export_report(built: BuiltExport, checks: GraphChecks, gate: GateOutcome, options: ExportOptions, checkpoint_path,
+                  final: Path, onnx_sha: str, parity_path, parity_sha, metadata: dict, passed: bool) -> dict:
+    """The JSON report written beside every export."""
+    findings, lint_errors = checks.findings, checks.lint_errors
+    return {
+        "format": REPORT_FORMAT, "passed": passed, "exporter": f"ghost-deploy {__version__}",
+        "checkpoint": str(checkpoint_path), "checkpoint_sha256": built.checkpoint_sha,
+        "onnx": str(final), "onnx_sha256": onnx_sha, "onnx_bytes": final.stat().st_size,
+        "parity_set": None if parity_path is None else str(parity_path), "parity_set_sha256": parity_sha,
+        "options": options.to_report(built.final_opset),
+        "inputs": built.input_names, "outputs": built.output_names, "img_size": built.img_size,
+        "qdq_counts": built.qdq_counts, "simplify": built.simplify_note, "int4_layers": built.int4_layers,
+        "cpu_form": None if built.cpu_summary is None else built.cpu_summary.to_dict(),
+        "layers": checks.layers, "bits_preserved": checks.bits_ok,
+        "lint": {"rules": checks.lint_note, "errors": len(lint_errors), "warnings": len(findings) - len(lint_errors),
+                 "findings": [f.to_dict() for f in findings]},
+        "parity": {"source": gate.note, "report": None if gate.report is None else gate.report.to_dict(),
+                   "per_layer": None if gate.layer_report is None else gate.layer_report.to_dict(),
+                   "noise_floor": None if gate.floor is None else gate.floor.to_dict(),
+                   "arithmetic": gate.arithmetic if gate.report is not None else None,
+                   "exact_arithmetic": None if gate.exact is None else gate.exact.to_dict(),
+                   "ort_integer_kernels": None if gate.kernels_report is None else gate.kernels_report.to_dict(),
+                   "ort_integer_kernels_note": None if gate.kernels_report is None else ORT_KERNELS_NOTE},
+        "metadata_keys": sorted(metadata), "notes": [TENSORRT_INT4_NOTE], "timings": built.timings,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ steps
 def _build_graph(model, meta, fp32, decode, img_size, input_names, output_names):
-    import torch
-
-    from ..model.detector import INPUT_CHANNELS
-    from ..quant import fold_bn
-
     if fp32:
         reference = torch_graph.float_copy(model)
         export_model = fold_bn(reference)
-        convs = {name: torch_graph.ConvSpec(name, None, None) for name in _conv_names(reference)}
+        convs = {name: torch_graph.ConvSpec(name, None, None) for name in conv_names(reference)}
         acts = {}
     else:
         reference = model
@@ -285,14 +373,8 @@ def _build_graph(model, meta, fp32, decode, img_size, input_names, output_names)
     else:
         onnx_qdq.write_qdq(graph, convs, acts)
     onnx_qdq.readable_node_names(graph)
-    graph.graph.name = f"{meta['model']}-{'fp32' if fp32 else 'qdq'}"
+    graph.graph.name = f"{meta.model}-{'fp32' if fp32 else 'qdq'}"
     return graph, convs, acts, reference
-
-
-def _conv_names(model) -> list[str]:
-    from ..quant.trace import conv_names
-
-    return conv_names(model)
 
 
 def _simplify(graph: onnx.ModelProto, enabled: bool):
@@ -355,23 +437,20 @@ def _head_scales(graph, heads, convs, acts) -> dict[str, float]:
     return scales
 
 
-def _reference_parity_set(reference, meta, decode, img_size, input_names, output_names, heads, parity_inputs,
-                          budgets, output_scales, checkpoint_sha):
-    from ..parity import TorchRunner, run_in_chunks
-    from ..parityset import ParitySet
-
-    runner = TorchRunner(torch_graph.make_wrapper(reference, meta, img_size, decode), input_names, output_names)
+def _reference_parity_set(built: BuiltExport, decode: bool, parity_inputs, budgets, output_scales) -> ParitySet:
+    header = built.header
+    runner = TorchRunner(torch_graph.make_wrapper(built.reference, header, built.img_size, decode), built.input_names,
+                         built.output_names)
     outputs = run_in_chunks(runner, parity_inputs.inputs)
-    set_meta = {
-        "input_names": input_names, "output_names": output_names, "head_output_names": heads,
-        "image_paths": parity_inputs.paths, "image_sha256": parity_inputs.sha256, "image_source": parity_inputs.source,
-        "img_size": img_size, "strides": list(meta["strides"]), "anchors_pixels": meta["anchors_pixels"],
-        "nc": int(meta["nc"]), "names": list(meta["names"]), "budgets": budgets.to_dict(),
-        "output_scales": output_scales, "checkpoint_sha256": checkpoint_sha,
-        "reference": "PyTorch, the checkpoint's model in eval mode (fake quantization, BN not folded)",
-    }
-    return ParitySet(inputs=parity_inputs.inputs, outputs=outputs, meta=set_meta, sha256="", path=None,
-                     input_names=input_names, output_names=output_names)
+    meta = ParityMeta(
+        input_names=built.input_names, output_names=built.output_names, head_output_names=built.heads,
+        image_paths=parity_inputs.paths, image_sha256=parity_inputs.sha256, image_source=parity_inputs.source,
+        img_size=built.img_size, strides=list(header.strides), anchors_pixels=header.anchors_pixels,
+        nc=int(header.nc), names=list(header.names), budgets=budgets.to_dict(), output_scales=output_scales,
+        checkpoint_sha256=built.checkpoint_sha,
+        reference="PyTorch, the checkpoint's model in eval mode (fake quantization, BN not folded)")
+    return ParitySet(inputs=parity_inputs.inputs, outputs=outputs, meta=meta, sha256="", path=None,
+                     input_names=built.input_names, output_names=built.output_names)
 
 
 def _remove_if_ours(path: Path) -> None:

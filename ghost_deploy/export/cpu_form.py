@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, readable_tensor_name, unique_name
-from .onnx_qdq import nonnegative_tensors
+from ghost_deploy.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, readable_tensor_name, unique_name
+from ghost_deploy.export.onnx_qdq import nonnegative_tensors
 
 # Ops a per-tensor symmetric quantizer commutes with exactly (they select or take maxima, and rounding and
 # clamping are monotone): Q(op(x)) == op(Q(x)) for one shared scale. Nearest Resize is checked separately.

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute
+from ghost_deploy.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 EPILOGUE_OPS = ("BatchNormalization", "Relu", "Clip", "Sigmoid", "Mul", "Add", "LeakyRelu", "HardSigmoid")

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import UserError
-from .graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
-from .torch_graph import MARKER_DOMAIN, MARKER_OP, WRAPPER_PREFIX, ActSpec, ConvSpec
+from ghost_deploy.errors import UserError
+from ghost_deploy.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
+from ghost_deploy.export.torch_graph import MARKER_DOMAIN, MARKER_OP, WRAPPER_PREFIX, ActSpec, ConvSpec
 
 INT4_MAX_BITS = 4
 INT4_OPSET = 21

@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ghost_deploy.errors import UserError
 
 MARKER_DOMAIN = "ghost_export"
 MARKER_OP = "ActQuant"
@@ -131,16 +131,16 @@ def head_names(strides) -> list[str]:
 def make_wrapper(model: nn.Module, meta: dict, img_size: int, decode: bool) -> ExportWrapper:
     decoder = None
     if decode:
-        strides = meta["strides"]
+        strides = meta.strides
         sizes = [(img_size // int(round(s)), img_size // int(round(s))) for s in strides]
-        decoder = DecodeHeads(strides, meta["anchors_pixels"], int(meta["nc"]), sizes)
+        decoder = DecodeHeads(strides, meta.anchors_pixels, int(meta.nc), sizes)
     return ExportWrapper(model, decoder).eval()
 
 
 def float_copy(model: nn.Module) -> nn.Module:
     """The student without quantizers (latent float weights), or the model itself if it has none."""
-    from ..model import Detector
-    from ..quant import QuantConv2d
+    from ghost_deploy.model import Detector
+    from ghost_deploy.quant import QuantConv2d
 
     if not any(isinstance(m, QuantConv2d) for m in model.modules()):
         return copy.deepcopy(model).eval()
@@ -155,8 +155,8 @@ def conv_specs(model: nn.Module) -> tuple[dict[str, ConvSpec], dict[str, ActSpec
 
     Returns the specs and the folded model, whose quantized weights are already codes * scale.
     """
-    from ..quant import QuantConv2d, act_quantizers, fold_bn
-    from ..quant.quantizers import MIN_SCALE
+    from ghost_deploy.quant import QuantConv2d, act_quantizers, fold_bn
+    from ghost_deploy.quant.quantizers import MIN_SCALE
 
     trained = {name: module for name, module in model.named_modules() if isinstance(module, (QuantConv2d, nn.Conv2d))}
     folded = fold_bn(model)
@@ -189,7 +189,7 @@ def conv_specs(model: nn.Module) -> tuple[dict[str, ConvSpec], dict[str, ActSpec
 
 def _expected_codes(model: nn.Module, trained_conv, name: str) -> np.ndarray:
     """The trained codes after BN folding: the sign of gamma/sigma flips a channel; gamma == 0 zeroes it."""
-    from ..quant.quantizers import MIN_SCALE
+    from ghost_deploy.quant.quantizers import MIN_SCALE
 
     codes = trained_conv.weight_codes().numpy().astype(np.int16)
     parent_name, _, attr = name.rpartition(".")
@@ -206,7 +206,7 @@ def _expected_codes(model: nn.Module, trained_conv, name: str) -> np.ndarray:
 
 def install_markers(folded: nn.Module) -> None:
     """Every activation quantizer of `folded` becomes a marker (in place: run on an export copy only)."""
-    from ..quant import act_quantizers
+    from ghost_deploy.quant import act_quantizers
 
     for key, quantizer in act_quantizers(folded).items():
         quantizer.forward = _marker(key)

@@ -95,6 +95,6 @@ def get_config(name: str) -> ModelConfig:
     try:
         return CONFIGS[name]
     except KeyError:
-        from ..errors import UserError
+        from ghost_deploy.errors import UserError
 
         raise UserError(None, f"unknown model {name!r}; known: {', '.join(CONFIGS)}") from None

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from .quantizers import MIN_SCALE, QuantConv2d
+from ghost_deploy.quant.quantizers import MIN_SCALE, QuantConv2d
 
 
 def fold_bn(model: nn.Module) -> nn.Module:

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import UserError
-from . import trace as tracing
+from ghost_deploy.errors import UserError
+from ghost_deploy.quant import trace as tracing
 
 MIN_BITS, MAX_BITS = 2, 8
 FLOAT_BITS = 32

@@ -45,7 +45,7 @@ class Trace:
 
 # Modules whose output may share its input's quantization scale exactly (they select, copy or take maxima).
 def _commutes_with_quantizer(module: nn.Module) -> bool:
-    from ..model.blocks import Concat
+    from ghost_deploy.model.blocks import Concat
 
     if isinstance(module, nn.Upsample):
         return module.mode == "nearest"
@@ -53,9 +53,8 @@ def _commutes_with_quantizer(module: nn.Module) -> bool:
 
 
 def is_conv(module: nn.Module) -> bool:
-    from .quantizers import QuantConv2d
-
-    return isinstance(module, (nn.Conv2d, QuantConv2d))
+    # quant.quantizers.QuantConv2d (built on this module, so not imported here) is the conv with a weight_quantizer
+    return isinstance(module, nn.Conv2d) or hasattr(module, "weight_quantizer")
 
 
 def conv_names(model: nn.Module) -> list[str]:
@@ -65,7 +64,7 @@ def conv_names(model: nn.Module) -> list[str]:
 
 def example_inputs(model: nn.Module, image_size: int = 64, batch: int = 1) -> tuple[torch.Tensor, ...]:
     """Deterministic images for a Detector (`input_names` order); values do not matter for the trace."""
-    from ..model.detector import INPUT_CHANNELS
+    from ghost_deploy.model.detector import INPUT_CHANNELS
 
     names = getattr(model, "input_names", None)
     if names is None:

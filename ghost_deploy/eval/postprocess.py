@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ghost_deploy.boxes import box_iou_np, xywh2xyxy
+from ghost_deploy.eval.boxes import box_iou_np, xywh2xyxy
 
 # Candidates kept (by score) before NMS, as YOLOv5: bounds the work on an untrained model.
 MAX_NMS = 30000

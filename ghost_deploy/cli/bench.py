@@ -25,7 +25,7 @@ def _default_data(artifacts: dict) -> str | None:
 
 
 def _gate(old_path: str, old: dict, new: dict, max_regression: float, max_map_drop: float) -> None:
-    from ghost_deploy.bench.compare import compare_results, format_comparison
+    from ghost_deploy.bench.regression import compare_results, format_comparison
 
     comparison = compare_results(old, new, max_regression, max_map_drop, old_path=old_path)
     click.echo(f"\ncompared with {old_path}:")
@@ -79,7 +79,7 @@ def bench_command(run_dir, checkpoint, onnx, engine, data, no_accuracy, split, m
     # backend that runs next in an interleaved round; this must be set before torch is first imported.
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from ghost_deploy.bench.compare import load_result
+    from ghost_deploy.bench.regression import load_result
     from ghost_deploy.bench.report import format_summary
     from ghost_deploy.bench.run import artifacts_from_run, normalise_artifacts, run_bench
     from ghost_deploy.bench.timing import WarmupPolicy

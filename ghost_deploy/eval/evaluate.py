@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ghost_deploy.boxes import box_iou_np, xywh2xyxy
-from ghost_deploy.postprocess import MAX_NMS, decode_heads_np, greedy_nms_np, non_max_suppression_np  # noqa: F401 (twins)
+from ghost_deploy.eval.boxes import box_iou_np, xywh2xyxy
+from ghost_deploy.eval.postprocess import MAX_NMS, decode_heads_np, greedy_nms_np, non_max_suppression_np  # noqa: F401 (twins)
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)

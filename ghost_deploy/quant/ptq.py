@@ -10,6 +10,8 @@ writer, checks and parity gate against the PyTorch model with the same quantizer
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ghost_deploy.errors import UserError
 
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 WEIGHT_METHODS = ("max", "mse")
@@ -33,12 +35,12 @@ def ptq_checkpoint(fp32_ckpt, out_path, calib_manifest, plan=None, weight_method
     The checkpoint meta records the plan, the calibration set (name, manifest, SHA-256), the calibrator
     and the weight method, and the FP32 checkpoint it came from.
     """
-    from .calib import calib_batches, load_calib_set
-    from .checkpoint import read_meta, save_checkpoint
-    from .io import sha256_file
-    from .quant import quantize_model
-    from .quant.trace import example_inputs
-    from .train import model_from_checkpoint
+    from ghost_deploy.data.calib import calib_batches, load_calib_set
+    from ghost_deploy.checkpoint import read_meta, save_checkpoint
+    from ghost_deploy.io import sha256_file
+    from ghost_deploy.quant import quantize_model
+    from ghost_deploy.quant.trace import example_inputs
+    from ghost_deploy.checkpoint import model_from_checkpoint
 
     log = log or (lambda *_: None)
     if weight_method not in WEIGHT_METHODS:
@@ -47,15 +49,15 @@ def ptq_checkpoint(fp32_ckpt, out_path, calib_manifest, plan=None, weight_method
         raise UserError("--calibrator", f"must be one of {', '.join(CALIBRATORS)}, got {act_calibrator!r}")
     fp32_ckpt = Path(fp32_ckpt)
     stored = read_meta(fp32_ckpt)
-    if stored.get("bit_plan"):
-        raise UserError(fp32_ckpt, f"already quantized (stage {stored.get('stage')!r}); "
+    if stored.quantized:
+        raise UserError(fp32_ckpt, f"already quantized (stage {stored.stage!r}); "
                                    "PTQ starts from an FP32 checkpoint")
     calib_set = load_calib_set(calib_manifest)  # before the model: a changed file fails fast
     model, meta = model_from_checkpoint(fp32_ckpt, with_sr=False)
-    if calib_set.names and list(calib_set.names) != list(meta["names"]):
+    if calib_set.names and list(calib_set.names) != list(meta.names):
         log(f"warning: {calib_set.path} was drawn from a dataset with classes {list(calib_set.names)}, "
-            f"the model detects {list(meta['names'])}")
-    img_size = int(meta["img_size"])
+            f"the model detects {list(meta.names)}")
+    img_size = int(meta.img_size)
     bit_plan = resolve_plan(plan, model, img_size)
     batches = calib_batches(calib_set, img_size, batch_size, model.input_names)
     model = quantize_model(model, bit_plan, example_inputs=example_inputs(model, img_size), scale_init=weight_method)
@@ -64,22 +66,22 @@ def ptq_checkpoint(fp32_ckpt, out_path, calib_manifest, plan=None, weight_method
         f"{calib_set.name} ({len(calib_set)} pairs)")
 
     # The FP32 run's metrics and epoch describe the teacher, not this model.
-    out_meta = {k: v for k, v in meta.items() if k not in ("metrics", "epoch", "best", "format", "resume")}
-    out_meta.update({
-        "stage": "ptq", "sr": False, "bit_plan": bit_plan.to_dict(),
+    extra = {k: v for k, v in meta.extra.items() if k not in ("metrics", "epoch", "best", "resume")}
+    extra.update({
         "teacher": {"path": str(fp32_ckpt), "sha256": sha256_file(fp32_ckpt), "metrics": meta.get("metrics")},
         "ptq": {"weight_method": weight_method, "act_calibrator": act_calibrator,
                 "percentile": PERCENTILE if act_calibrator == "percentile" else None,
                 "entropy_bins": ENTROPY_BINS if act_calibrator == "entropy" else None,
                 "plan_source": _plan_source(plan), "calib_set": calib_set.record()},
     })
-    return save_checkpoint(out_path, model.eval(), out_meta)
+    header = dataclasses.replace(meta, stage="ptq", sr=False, bit_plan=bit_plan, extra=extra)
+    return save_checkpoint(out_path, model.eval(), header)
 
 
 def resolve_plan(plan, model, img_size: int):
     """A BitPlan for `model` from None (uniform W8/A8), a BitPlan, a plan JSON or a quantized checkpoint."""
-    from .checkpoint import read_meta
-    from .quant import BitPlan, check_plan_against_model, uniform_plan
+    from ghost_deploy.checkpoint import read_meta
+    from ghost_deploy.quant import BitPlan, check_plan_against_model, uniform_plan
 
     if plan is None:
         return uniform_plan(model, weight_bits=8, act_bits=8, image_size=img_size)
@@ -88,14 +90,14 @@ def resolve_plan(plan, model, img_size: int):
         return plan
     path = Path(plan)
     if path.suffix == ".safetensors":
-        meta = read_meta(path)
-        if not meta.get("bit_plan"):
+        bit_plan = read_meta(path).bit_plan
+        if bit_plan is None:
             raise UserError(path, "checkpoint has no bit plan (an FP32 model); "
                                   "pass a quantized checkpoint or a plan JSON")
-        bit_plan = BitPlan.from_dict(meta["bit_plan"], source=path)
-        check_plan_against_model(bit_plan, model)
-        return bit_plan
-    return BitPlan.load(path, model=model)
+    else:
+        bit_plan = BitPlan.load(path)
+    check_plan_against_model(bit_plan, model)
+    return bit_plan
 
 
 def _plan_source(plan) -> str:
@@ -113,7 +115,7 @@ def calibrate(model, batches, method: str = "mse") -> dict[str, float]:
 
     max / percentile / mse are ActQuantizer's own calibrators; entropy is computed here from histograms.
     """
-    from .quant import act_quantizers, calibrate_activations
+    from ghost_deploy.quant import act_quantizers, calibrate_activations
 
     if method not in CALIBRATORS:
         raise UserError("--calibrator", f"must be one of {', '.join(CALIBRATORS)}, got {method!r}")
@@ -128,8 +130,8 @@ def calibrate(model, batches, method: str = "mse") -> dict[str, float]:
 def collect_histograms(model, batches, bins: int = ENTROPY_BINS) -> dict[str, tuple[np.ndarray, float]]:
     """{tensor: (histogram of |x| over [0, max|x|], max|x|)} per activation quantizer: two passes over
     `batches`, the first for the range, the second for the histogram (quantizers pass values through)."""
-    from .calib import tensor_absmax
-    from .quant import act_quantizers
+    from ghost_deploy.data.calib import tensor_absmax
+    from ghost_deploy.quant import act_quantizers
 
     quantizers = act_quantizers(model)
     maxima = tensor_absmax(model, batches)
@@ -151,7 +153,7 @@ def collect_histograms(model, batches, bins: int = ENTROPY_BINS) -> dict[str, tu
     for quantizer in quantizers.values():
         quantizer.observing = True  # pass-through
     try:
-        from .calib import as_model_inputs
+        from ghost_deploy.data.calib import as_model_inputs
 
         for batch in batches:
             model(*as_model_inputs(batch, model))
@@ -168,8 +170,8 @@ def collect_histograms(model, batches, bins: int = ENTROPY_BINS) -> dict[str, tu
 @torch.no_grad()
 def calibrate_entropy(model, batches, bins: int = ENTROPY_BINS) -> None:
     """Entropy calibration: each scale is threshold / qmax with the threshold of least KL divergence."""
-    from .quant import act_quantizers
-    from .quant.quantizers import MIN_SCALE
+    from ghost_deploy.quant import act_quantizers
+    from ghost_deploy.quant.quantizers import MIN_SCALE
 
     quantizers = act_quantizers(model)
     for name, (histogram, top) in collect_histograms(model, batches, bins).items():

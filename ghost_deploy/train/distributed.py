@@ -68,14 +68,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(local_rank: int, nproc: int, port: int, recipe: dict, out: str, kwargs: dict) -> None:
+def _worker(local_rank: int, train_fn, nproc: int, port: int, recipe: dict, out: str, kwargs: dict) -> None:
     os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(nproc),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from .pipeline import run_training
-
     try:
-        run_training(recipe, Path(out), nproc=1, progress=local_rank == 0,
+        train_fn(recipe, Path(out), nproc=1, progress=local_rank == 0,
                      log=print if local_rank == 0 else (lambda *_: None), **kwargs)
         dist.barrier()  # no rank tears the group down while another still talks to it (gloo aborts then)
     finally:
@@ -83,13 +81,17 @@ def _worker(local_rank: int, nproc: int, port: int, recipe: dict, out: str, kwar
             dist.destroy_process_group()
 
 
-def launch(nproc: int, recipe: dict, out: Path, **kwargs) -> dict:
-    """Spawn `nproc` local ranks (what torchrun does for one node) and wait for them."""
+def launch(train_fn, nproc: int, recipe: dict, out: Path, **kwargs) -> dict:
+    """Spawn `nproc` local ranks (what torchrun does for one node), each running `train_fn(recipe, out, ...)`.
+
+    The training function is passed in (train.run.run_training) rather than imported, so this module stays
+    below the code that launches it.
+    """
     import json
 
     import torch.multiprocessing as mp
 
     kwargs.pop("device", None)
-    mp.spawn(_worker, args=(nproc, _free_port(), recipe, str(out), kwargs), nprocs=nproc, join=True)
+    mp.spawn(_worker, args=(train_fn, nproc, _free_port(), recipe, str(out), kwargs), nprocs=nproc, join=True)
     summary = Path(out) / "ddp.json"
     return json.loads(summary.read_text()) if summary.exists() else {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DEBUG, EXIT_USER, UserError, handle_cli_errors
+from ghost_deploy.errors import DEBUG, EXIT_USER, UserError, handle_cli_errors
 
 _handle_errors = handle_cli_errors  # stage commands (bench, export) import it from here or from errors
 
@@ -24,7 +24,7 @@ _handle_errors = handle_cli_errors  # stage commands (bench, export) import it f
 class _StageGroup(click.Group):
     """Loads `export` only when it is named: ghost_deploy.export imports torch, which the other commands skip."""
 
-    lazy = {"export": ("ghost_deploy.export.cli", "export_command"), "calib": ("ghost_deploy.calib", "calib_group")}
+    lazy = {"export": ("ghost_deploy.cli.export", "export_command"), "calib": ("ghost_deploy.data.calib", "calib_group")}
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -88,8 +88,8 @@ def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, resum
 
     With no arguments: the demo recipe on the embedded RGB+IR dataset, teacher then GHOST, into runs/demo.
     """
-    from .pipeline import run_training
-    from .recipe import load_recipe
+    from ghost_deploy.train.run import run_training
+    from ghost_deploy.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     out = Path(out_dir or Path("runs") / loaded["name"])
@@ -121,7 +121,7 @@ def build_engine(onnx_path, target, out_dir, parity_set, checkpoint, dla_core, t
     instead: the ONNX, the profile, the parity set, a partial receipt, a one-command build script
     for the device and the equivalent trtexec lines. It says plainly that no engine was built.
     """
-    from .engines import build, verify_runtime
+    from ghost_deploy.engines import build, verify_runtime
 
     if verify_engine:
         receipt = Path(verify_engine)
@@ -165,8 +165,8 @@ def pipeline(recipe, data, out_dir, target, bench_iterations, force, no_progress
     With no arguments: the demo recipe on the embedded RGB+IR set into runs/demo. Stages whose inputs
     did not change since the last run are skipped (runs/demo/pipeline.json records why).
     """
-    from .pipeline import run_pipeline
-    from .recipe import load_recipe
+    from ghost_deploy.pipeline import run_pipeline
+    from ghost_deploy.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     run_pipeline(loaded, Path(out_dir or Path("runs") / loaded["name"]), target=target, data=data, force=force,
@@ -189,7 +189,7 @@ def convert_vedai_command(annotation_file, labels_dir, image_size):
     Classes in GHOST's order: car, pickup, camping, truck, other, tractor, boat, van. Motorcycles,
     buses and planes are dropped and counted (not merged into van). See docs/data.md for the map.
     """
-    from .data import convert_vedai
+    from ghost_deploy.data import convert_vedai
 
     stats = convert_vedai(annotation_file, labels_dir, image_size=image_size)
     click.echo(" ".join(f"{k}={v}" for k, v in stats.items()))
@@ -201,7 +201,7 @@ def convert_vedai_command(annotation_file, labels_dir, image_size):
 @_handle_errors
 def synth_command(root, seed):
     """Generate (or find) the embedded RGB+IR demo set and print its dataset YAML."""
-    from .data import ensure_synthetic_dataset
+    from ghost_deploy.data import ensure_synthetic_dataset
 
     click.echo(str(ensure_synthetic_dataset(root=root, seed=seed)))
 
@@ -217,22 +217,22 @@ def synth_command(root, seed):
 @_handle_errors
 def plan_command(checkpoint, out, threshold, avg_bits, size_mb, bops_g, act_bits):
     """Choose per-layer bits for CHECKPOINT's model: HQ (default) or a size/BOPs/bits budget."""
-    from .quant import budget_plan, hq_plan
-    from .train import model_from_checkpoint
+    from ghost_deploy.quant import budget_plan, hq_plan
+    from ghost_deploy.checkpoint import model_from_checkpoint
 
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
     budget = {k: v for k, v in {"avg_bits": avg_bits, "size_mb": size_mb, "bops_g": bops_g}.items() if v is not None}
     if budget:
-        plan = budget_plan(model, budget, act_bits=act_bits, img_size=meta["img_size"])
+        plan = budget_plan(model, budget, act_bits=act_bits, img_size=meta.img_size)
     else:
-        plan = hq_plan(model, threshold=threshold if threshold is not None else 0.1, act_bits=act_bits, img_size=meta["img_size"])
+        plan = hq_plan(model, threshold=threshold if threshold is not None else 0.1, act_bits=act_bits, img_size=meta.img_size)
     plan.save(out)
     click.echo(plan.summary())
     click.echo(f"bit plan written to {out}")
 
 
 def _register_stage_commands() -> None:
-    from .bench.cli import bench_command
+    from ghost_deploy.cli.bench import bench_command
 
     main.add_command(bench_command)
 

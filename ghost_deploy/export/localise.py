@@ -1,213 +1,39 @@
-"""The export parity gate: the same images through PyTorch (the checkpoint's model) and ONNX Runtime (CPU).
+"""When the float32 gate fails (or with --per-layer): which layer drifted first, and is it only rounding?
 
-- Inputs: N images of the dataset's val split (N = recipe parity.images), or the images of a folder
-  (`<id>_co.png` + `<id>_ir.png` pairs, or single-modality files), letterboxed to the model's img_size.
-- Outputs compared with `compare.compare_outputs` through `engines.bundle.run_parity`, the function the engine
-  stage uses too, so a parity number means the same at export and on the Jetson: raw head tensors (cosine per
-  image, max abs error in units of the head's accumulator step) and detections after NMS.
 - Localisation: every conv's output (after BN, which the ONNX folds into the conv) in PyTorch and in the ONNX
   (extra graph outputs on a temporary copy); the first layer over budget, in execution order, is named with
   its bit widths. A layer is over budget when cosine < min_cosine or its relative L2 error
   ||a - b|| / ||a|| > sqrt(2 (1 - min_cosine)) (the same bound for vectors of equal length, and unlike the
   cosine it also sees a wrong scale).
-- Noise floor (on a failed gate, or with --per-layer): how far this model's outputs move under float32 rounding
-  alone. Every layer's own PyTorch-vs-ORT difference (the localisation's "conv" error) is injected as random
-  noise of that size into PyTorch, a few times, and each noisy run is put through the same gate against the
-  clean reference. A quantized network amplifies a rounding flip at a code boundary layer after layer, so a
-  model whose noisy PyTorch runs fail the budgets too is at its noise floor: the gate failed on rounding, not
-  on a wrong layer. The verdict does not change (over budget is over budget); the report says which it is.
-- The same comparison in exact arithmetic (integer accumulation on both sides) is `exact_parity.py`; the recipe's
-  `parity.arithmetic` says which of the two decides the export's gate.
+- Noise floor: how far this model's outputs move under float32 rounding alone. Every layer's own
+  PyTorch-vs-ORT difference (the localisation's "conv" error) is injected as random noise of that size into
+  PyTorch, a few times, and each noisy run is put through the same gate against the clean reference. A quantized
+  network amplifies a rounding flip at a code boundary layer after layer, so a model whose noisy PyTorch runs
+  fail the budgets too is at its noise floor: the gate failed on rounding, not on a wrong layer. The verdict does
+  not change (over budget is over budget); the report says which it is.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+from torch import nn
 
-from .compare import Budgets, ParityReport
-from .engines.runners import OrtRunner
-from .errors import UserError
-from .io import sha256_file
-
-DETECTOR_INPUT_CHANNELS = {"rgb": 3, "ir": 1}
-
-
-@dataclass
-class ParityInputs:
-    inputs: dict[str, np.ndarray]  # name -> (N, C, H, W) float32 in [0, 1]
-    paths: list[list[str]]
-    sha256: list[list[str]]
-    source: str
-
-    @property
-    def count(self) -> int:
-        return len(self.paths)
+from ghost_deploy.export.reference import TorchRunner
+from ghost_deploy.parity.compare import Budgets
+from ghost_deploy.parity.gate import run_parity
+from ghost_deploy.parity.runners import OrtRunner
 
 
-# --------------------------------------------------------------------------------------------- inputs
-def budgets_from_recipe(recipe: dict | None) -> Budgets:
-    """recipe['parity'] minus the keys that are not budgets (e.g. `images`)."""
-    values = dict((recipe or {}).get("parity") or {})
-    known = {f.name for f in fields(Budgets)}
-    return Budgets.from_dict({k: v for k, v in values.items() if k in known})
-
-
-def parity_arithmetic(recipe: dict | None) -> str:
-    """Which comparison decides the gate: "float32" (default; checkpoints before 0.2.0 have no key) or "exact"."""
-    return str(((recipe or {}).get("parity") or {}).get("arithmetic", "float32"))
-
-
-def parity_image_count(recipe: dict | None, default: int = 8) -> int:
-    count = ((recipe or {}).get("parity") or {}).get("images", default)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise UserError(None, f"recipe parity.images must be a positive integer, got {count!r}")
-    return count
-
-
-def _letterboxed(arrays: dict[str, np.ndarray], img_size: int) -> dict[str, np.ndarray]:
-    from .data.augment import letterbox, resize_long_side
-
-    empty = np.zeros((0, 6))  # augment.py boxes: [cls, x1, y1, x2, y2, full_area]
-    arrays, _ = resize_long_side(arrays, empty, img_size)
-    arrays, _ = letterbox(arrays, empty, img_size)
-    return arrays
-
-
-def _to_chw(array: np.ndarray) -> np.ndarray:
-    array = np.asarray(array, dtype=np.float32) / 255.0
-    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-def images_from_folder(folder: str | os.PathLike, input_names, img_size: int, limit: int) -> ParityInputs:
-    """The first `limit` samples of a folder (sorted by id), read like the dataset reads them."""
-    from .data.images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, read_ir, read_rgb
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(folder, "parity images folder not found")
-    readers = {"rgb": read_rgb, "ir": read_ir}
-    untagged = len(input_names) == 1
-    prefixes = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        stem = path.stem
-        for tag in MODALITY_TAGS.values():
-            if stem.endswith(tag):
-                stem = stem[: -len(tag)]
-                break
-        prefix = folder / stem
-        if prefix not in prefixes:
-            prefixes.append(prefix)
-    samples = []
-    for prefix in prefixes:
-        files = {name: find_image(prefix, MODALITY_TAGS[name], untagged) for name in input_names}
-        if all(files.values()):
-            samples.append(files)
-        if len(samples) == limit:
-            break
-    if not samples:
-        wanted = " + ".join(f"<id>{MODALITY_TAGS[n]}.png" for n in input_names)
-        raise UserError(folder, f"no parity images found (expected {wanted})")
-    batches = {name: [] for name in input_names}
-    for files in samples:
-        arrays = _letterboxed({name: readers[name](files[name]) for name in input_names}, img_size)
-        for name in input_names:
-            batches[name].append(_to_chw(arrays[name]))
-    return ParityInputs(
-        inputs={name: np.stack(values) for name, values in batches.items()},
-        paths=[[str(files[name]) for name in input_names] for files in samples],
-        sha256=[[sha256_file(files[name]) for name in input_names] for files in samples],
-        source=str(folder))
-
-
-def images_from_dataset(data_yaml: str | os.PathLike, input_names, img_size: int, limit: int) -> ParityInputs:
-    """The first `limit` samples of the dataset's val split, letterboxed exactly as validation sees them."""
-    from .data import Dataset, load_dataset_yaml
-
-    spec = load_dataset_yaml(data_yaml)
-    missing = [name for name in input_names if name not in spec.modalities]
-    if missing:
-        raise UserError(data_yaml, f"dataset has no {missing} images; the model reads {list(input_names)}")
-    dataset = Dataset(spec, "val", img_size, augment=False)
-    count = min(limit, len(dataset))
-    batches = {name: [] for name in input_names}
-    paths, hashes = [], []
-    for index in range(count):
-        item = dataset[index]
-        for name in input_names:
-            batches[name].append(item[name].numpy().astype(np.float32))
-        files = dataset.samples[index].images
-        paths.append([str(files[name]) for name in input_names])
-        hashes.append([sha256_file(files[name]) for name in input_names])
-    return ParityInputs(inputs={name: np.stack(values) for name, values in batches.items()}, paths=paths,
-                        sha256=hashes, source=f"{data_yaml} [val]")
-
-
-def resolve_parity_inputs(meta: dict, img_size: int, count: int, parity_images=None, data=None) -> ParityInputs:
-    """Folder when given; else the val split of `data`, the checkpoint's dataset, or the embedded demo set."""
-    input_names = list(meta["input_names"])
-    if parity_images is not None and Path(parity_images).suffix in (".yaml", ".yml"):
-        from .calib import parity_inputs_from_manifest  # a calib manifest: named, hashed images
-
-        return parity_inputs_from_manifest(parity_images, input_names, img_size, count)
-    if parity_images is not None:
-        return images_from_folder(parity_images, input_names, img_size, count)
-    source = data or meta.get("data") or (meta.get("recipe") or {}).get("data") or "embedded"
-    if source == "embedded":
-        from .data import ensure_synthetic_dataset
-
-        source = ensure_synthetic_dataset(seed=0)
-    elif not Path(source).is_file():
-        raise UserError(source, "dataset YAML for the parity images not found; pass data=YAML or parity_images=DIR")
-    return images_from_dataset(source, input_names, img_size, count)
-
-
-# --------------------------------------------------------------------------------------------- runners
-class TorchRunner:
-    """A PyTorch module behind the runner interface (`input_names`, `output_names`, `infer`, `close`)."""
-
-    def __init__(self, module, input_names, output_names):
-        self.module = module.eval()
-        self.input_names = list(input_names)
-        self.output_names = list(output_names)
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        with torch.no_grad():
-            outputs = self.module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names))
-        return {name: value.numpy() for name, value in zip(self.output_names, outputs)}
-
-    def close(self) -> None:
-        self.module = None
-
-
-def run_in_chunks(runner, inputs: dict[str, np.ndarray], batch_size: int = 4) -> dict[str, np.ndarray]:
-    count = len(next(iter(inputs.values())))
-    chunks: dict[str, list] = {}
-    for start in range(0, count, batch_size):
-        out = runner.infer({name: value[start:start + batch_size] for name, value in inputs.items()})
-        for name, value in out.items():
-            chunks.setdefault(name, []).append(value)
-    return {name: np.concatenate(values) for name, values in chunks.items()}
-
-
-def run_gate(parity_set, onnx_path, budgets: Budgets, exact: bool = True) -> ParityReport:
-    """ONNX Runtime on the parity set's inputs, compared with its reference outputs (engines' run_parity)."""
-    from .engines.bundle import run_parity
-
-    with OrtRunner(onnx_path, exact=exact) as runner:
-        return run_parity(parity_set, runner, budgets)
-
-
-# --------------------------------------------------------------------------------------------- localisation
-@dataclass
 class Agreement:
     """Running cosine / relative L2 error / max abs error between a reference and a candidate tensor."""
 
@@ -294,7 +120,6 @@ def _num(stats: dict | None, key: str, spec: str = ".2e") -> str:
 
 def layer_output_module(model, name: str):
     """The module whose output equals the exported Conv node's output: the block's BN when the ONNX folds it."""
-    from torch import nn
 
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -306,7 +131,6 @@ def layer_output_module(model, name: str):
 
 def _conv_alone(model, name: str, x):
     """What PyTorch computes for this conv (its weights as trained, then its BN) on an already quantized input."""
-    import torch.nn.functional as F
 
     module = model.get_submodule(name)
     weight = module.quantized_weight() if hasattr(module, "quantized_weight") else module.weight
@@ -349,11 +173,6 @@ def localise(reference_model, onnx_model, inputs: dict[str, np.ndarray], layer_b
     layer whose local agreement is over budget is the layer whose own numbers differ (a wrong scale, wrong
     codes). `layer_bits`: {conv name: (weight_bits, act_bits)}; rows come in PyTorch execution order.
     """
-    import copy
-
-    import onnx
-    import torch
-    from onnx import TensorProto, helper
 
     names = list(layer_bits)
     layer_tensors = _onnx_layer_tensors(onnx_model, set(names))
@@ -437,13 +256,11 @@ class NoisyTorchRunner(TorchRunner):
 
     def __init__(self, module, input_names, output_names, noisy_modules: list[tuple[object, float]], seed: int):
         super().__init__(module, input_names, output_names)
-        import torch
 
         self.noisy_modules = [(m, relative) for m, relative in noisy_modules if relative > 0]
         self.generator = torch.Generator().manual_seed(seed)
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
 
         def add_noise(relative):
             def hook(module, args, output):
@@ -495,7 +312,6 @@ def noise_floor(reference_module, detector, parity_set, layer_report: LayerRepor
                 trials: int = NOISE_FLOOR_TRIALS) -> NoiseFloor:
     """Run the gate `trials` times on `reference_module` (what made the parity set's outputs) with the per-layer
     float differences of `layer_report` injected into `detector`'s layers (its submodules, by the report's names)."""
-    from .engines.bundle import run_parity
 
     # Only rounding-sized differences are noise: a layer over budget on its own (a wrong scale) is left out.
     relative_noise = {row["name"]: float(row["conv"]["relative_error"]) for row in layer_report.layers

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .boxes import xywh2xyxy
-from .evaluate import decode_heads, evaluate_detections, non_max_suppression
+from ghost_deploy.eval.boxes import xywh2xyxy
+from ghost_deploy.eval.evaluate import decode_heads, evaluate_detections, non_max_suppression
 
 
 def batch_inputs(batch: dict, input_names, device="cpu") -> list[torch.Tensor]:

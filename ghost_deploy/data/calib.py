@@ -22,9 +22,9 @@ import click
 import numpy as np
 import yaml
 
-from . import __version__
-from .errors import UserError, handle_cli_errors
-from .io import read_user_yaml, sha256_file, write_text_atomic
+from ghost_deploy import __version__
+from ghost_deploy.errors import UserError, handle_cli_errors
+from ghost_deploy.io import read_user_yaml, sha256_file, write_text_atomic
 
 FORMAT = "ghost-deploy/calib-set/v1"
 EMBEDDED = "embedded"  # the data key of a set drawn from the embedded demo set (root found on any machine)
@@ -69,7 +69,7 @@ class CalibSet:
 
     def spec(self):
         """The DatasetSpec of the dataset the set was drawn from."""
-        from .data import load_dataset_yaml
+        from ghost_deploy.data import load_dataset_yaml
 
         return load_dataset_yaml(_resolve_data(self.data))
 
@@ -82,7 +82,7 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
     `data_yaml` is a dataset YAML or "embedded". Returns the manifest path `<out_dir>/<name>.yaml`.
     An existing manifest with other content is kept unless `force` (artifacts may name it by hash).
     """
-    from .data import Dataset, load_dataset_yaml
+    from ghost_deploy.data import Dataset, load_dataset_yaml
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError("--n", f"must be a positive integer, got {n!r}")
@@ -326,7 +326,7 @@ def _dump(manifest: dict) -> str:
 
 def _resolve_data(data_key: str) -> Path:
     if data_key == EMBEDDED:
-        from .data import ensure_synthetic_dataset
+        from ghost_deploy.data import ensure_synthetic_dataset
 
         return Path(ensure_synthetic_dataset(seed=0))
     return Path(data_key)
@@ -397,8 +397,8 @@ def _parse_pair(entry, number: int, modalities, root: Path, manifest: Path, veri
 # ------------------------------------------------------------------------------------------- tensors
 def load_pair_arrays(pair: CalibPair, input_names, img_size: int) -> dict[str, np.ndarray]:
     """{name: (C, H, W) float32 in [0, 1]}: the pair letterboxed exactly as validation reads it."""
-    from .data.augment import downsample2x, letterbox, resize_long_side
-    from .data.images import read_ir, read_rgb
+    from ghost_deploy.data.augment import downsample2x, letterbox, resize_long_side
+    from ghost_deploy.data.images import read_ir, read_rgb
 
     readers = {"rgb": read_rgb, "ir": read_ir}
     arrays = {name: readers[name](pair.images[name]) for name in input_names}
@@ -456,7 +456,7 @@ def calib_batches(calib_set: CalibSet, img_size: int, batch_size: int = 8, input
 
 def parity_inputs_from_manifest(manifest, input_names, img_size: int, limit: int | None = None):
     """The parity inputs of the export gate from a manifest (parity.ParityInputs), hashes verified."""
-    from .parity import ParityInputs
+    from ghost_deploy.parity.gate import ParityInputs
 
     calib_set = manifest if isinstance(manifest, CalibSet) else load_calib_set(manifest)
     input_names = list(input_names)
@@ -499,8 +499,8 @@ def tensor_absmax(model, batches) -> dict[str, float]:
     """max|x| per activation tensor over `batches` (eval mode, quantizers passing values through)."""
     import torch
 
-    from .quant import act_quantizers
-    from .quant.trace import example_inputs, trace_model
+    from ghost_deploy.quant import act_quantizers
+    from ghost_deploy.quant.trace import example_inputs, trace_model
 
     quantizers = act_quantizers(model)
     maxima: dict[str, float] = {}
@@ -600,13 +600,14 @@ def make_command(data, count, split, name, seed, out_dir, brightness_bins, force
 @handle_cli_errors
 def coverage_command(weights, manifest, split, batch_size, low, json_out):
     """Per activation tensor: max|x| on the set over max|x| on the whole split (1.0 = the set reaches it)."""
-    from .data import Dataset
-    from .io import write_json_atomic
-    from .train import make_loader, model_from_checkpoint
+    from ghost_deploy.data import Dataset
+    from ghost_deploy.io import write_json_atomic
+    from ghost_deploy.checkpoint import model_from_checkpoint
+    from ghost_deploy.train.loop import make_loader
 
     model, meta = model_from_checkpoint(weights, with_sr=False)
     calib_set = load_calib_set(manifest)
-    img_size = int(meta["img_size"])
+    img_size = int(meta.img_size)
     split_name = split or calib_set.split
     dataset = Dataset(calib_set.spec(), split_name, img_size, augment=False)
     on_set = tensor_absmax(model, calib_batches(calib_set, img_size, batch_size, model.input_names))

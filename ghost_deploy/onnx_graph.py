@@ -1,6 +1,8 @@
-"""Small helpers over an ONNX graph: who produces and who reads a tensor, constants, fresh names.
+"""Small helpers over an ONNX graph: who produces and who reads a tensor, constants, fresh names, and the
+file's metadata. Torch-free.
 
-Kept free of any rewriting policy so the QDQ writer, the CPU re-encoder and the linter share one view.
+Kept free of any rewriting policy so the QDQ writer, the CPU re-encoder, the linter, exact-arithmetic parity,
+the engine stage and bench share one view.
 """
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import hashlib
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from ghost_deploy.contract import OnnxMetadata
+from ghost_deploy.errors import UserError
 
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
@@ -75,17 +80,6 @@ def node_attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def count_ops(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-def initializer_dtypes(model: onnx.ModelProto) -> dict[str, int]:
-    return {init.name: init.data_type for init in model.graph.initializer}
-
-
 def unique_name(base: str, taken: set[str]) -> str:
     name, index = base, 1
     while name in taken:
@@ -96,13 +90,23 @@ def unique_name(base: str, taken: set[str]) -> str:
 
 
 def graph_sha256(model: onnx.ModelProto) -> str:
-    """Hash of everything that defines the computation (graph and opsets), not of the metadata.
+    """Hash of what the graph computes: its nodes, initializers, opsets and the names and element types of its
+    inputs and outputs.
 
-    Metadata holds this hash, so it must be left out; producer fields are left out so re-saving with another
-    onnx version does not look like an edit.
+    Shape annotations (value_info, input/output dims) are left out: tools that only add shape information
+    (ONNX shape inference, ModelOpt's quantizer rewriting its input in place) must not make an intact export
+    look edited. Metadata holds this hash, so it is left out too, and so are producer fields (re-saving with
+    another onnx version is not an edit).
     """
+    graph = model.graph
     digest = hashlib.sha256()
-    digest.update(model.graph.SerializeToString(deterministic=True))
+    for node in graph.node:
+        digest.update(node.SerializeToString(deterministic=True))
+    for tensor in list(graph.initializer) + list(graph.sparse_initializer):
+        digest.update(tensor.SerializeToString(deterministic=True))
+    for role, values in (("in", graph.input), ("out", graph.output)):
+        for value in values:
+            digest.update(f"{role}:{value.name}:{value.type.tensor_type.elem_type};".encode())
     for opset in sorted((o.domain, o.version) for o in model.opset_import):
         digest.update(f"{opset[0]}:{opset[1]};".encode())
     return digest.hexdigest()
@@ -140,3 +144,18 @@ def name_tensors_after_nodes(model: onnx.ModelProto) -> None:
     for info in graph.value_info:
         if info.name in renamed:
             info.name = renamed[info.name]
+
+
+def read_metadata_props(onnx_path) -> dict[str, str]:
+    """An ONNX file's metadata_props as a dict, without loading external weight data."""
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError / OSError variants
+        raise UserError(onnx_path, f"cannot read ONNX ({type(exc).__name__}: {exc})") from None
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def onnx_metadata(onnx_path) -> OnnxMetadata | None:
+    """The decoded `ghost.*` metadata of an ONNX file, or None for an ONNX that is not one of our exports."""
+    props = read_metadata_props(onnx_path)
+    return OnnxMetadata.from_strings(props, source=onnx_path) if OnnxMetadata.is_ours(props) else None

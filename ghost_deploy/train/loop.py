@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -21,12 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__
-from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from .errors import UserError
-from .loss import DetectionLoss
-from .model import build_model
-from .val import batch_inputs, evaluate_model
+from ghost_deploy import __version__
+from ghost_deploy.checkpoint import load_checkpoint, load_model_state, model_from_checkpoint, save_checkpoint
+from ghost_deploy.contract import CheckpointHeader
+from ghost_deploy.errors import UserError
+from ghost_deploy.train.loss import DetectionLoss
+from ghost_deploy.model import build_model
+from ghost_deploy.eval.val import batch_inputs, evaluate_model
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -89,7 +91,7 @@ class DataBundle:
 
 def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: bool | None = None) -> DataBundle:
     """The dataset named by `data` (a YAML path), else by the recipe; `embedded` builds the demo set."""
-    from .data import Dataset, ensure_synthetic_dataset, load_dataset_yaml
+    from ghost_deploy.data import Dataset, ensure_synthetic_dataset, load_dataset_yaml
 
     source = data or recipe.get("data") or "embedded"
     data_yaml = str(ensure_synthetic_dataset(seed=0) if source == "embedded" else source)
@@ -105,7 +107,7 @@ def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: boo
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0, rank: int = 0, world_size: int = 1):
-    from .data import collate
+    from ghost_deploy.data import collate
 
     sampler = EpochSampler(len(dataset), seed, shuffle=shuffle, rank=rank, world_size=world_size)
     return torch.utils.data.DataLoader(
@@ -202,7 +204,7 @@ class StageSpec:
     model: nn.Module
     cfg: dict
     extra_modules: list[nn.Module] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
+    meta: CheckpointHeader | None = None
     step_fn: object = None  # (batch, inputs) -> (loss, items dict)
     epoch_end_fn: object = None  # (epoch) -> dict of extra log columns
     train_module: nn.Module | None = None  # what one step calls (DDP wraps it); holds `model`
@@ -294,16 +296,20 @@ def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device:
                "lr": round(optimizer.param_groups[0]["lr"], 6), "seconds": round(train_seconds, 1), **extra_columns}
         _append_csv(csv_path, row)
         log(f"{stage.name} epoch {epoch + 1}/{epochs}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
-        meta = {**stage.meta, "epoch": epoch + 1, "metrics": {"mAP50": metrics["mAP50"], "mAP50_95": metrics["mAP50_95"]}}
-        save_checkpoint(weights_dir / "last.safetensors", ema.ema, meta)
+        epoch_meta = {"epoch": epoch + 1, "metrics": {"mAP50": metrics["mAP50"], "mAP50_95": metrics["mAP50_95"]}}
+        save_checkpoint(weights_dir / "last.safetensors", ema.ema, _with_extra(stage.meta, epoch_meta))
         if fitness > best_fitness:
             best_fitness, best_metrics = fitness, metrics
-            save_checkpoint(weights_dir / "best.safetensors", ema.ema, {**meta, "best": True})
+            save_checkpoint(weights_dir / "best.safetensors", ema.ema, _with_extra(stage.meta, {**epoch_meta, "best": True}))
         _save_state(state_path, model, ema, optimizer, scheduler, stage, epoch + 1, best_fitness, best_metrics)
     if rank == 0 and not (weights_dir / "best.safetensors").exists():
         raise RuntimeError("training ran no epoch; nothing to save")
     return {"best_fitness": best_fitness, "best_metrics": _jsonable(best_metrics), "model": model,
             "best": str(weights_dir / "best.safetensors"), "last": str(weights_dir / "last.safetensors")}
+
+
+def _with_extra(header: CheckpointHeader, entries: dict) -> CheckpointHeader:
+    return dataclasses.replace(header, extra={**header.extra, **entries})
 
 
 def _jsonable(metrics: dict) -> dict:
@@ -325,11 +331,9 @@ def _save_state(path, model, ema, optimizer, scheduler, stage, epoch, best_fitne
     extra.update(tensors)
     for index, module in enumerate(stage.extra_modules):
         extra.update({f"extra{index}.{k}": v for k, v in module.state_dict().items()})
-    meta = {**stage.meta, "resume": {
-        "epoch": epoch, "best_fitness": best_fitness, "best_metrics": _jsonable(best_metrics),
-        "ema_updates": ema.updates, "optimizer": optim_meta, "scheduler": scheduler.state_dict(),
-    }}
-    save_checkpoint(path, model, meta, extra=extra)
+    resume = {"epoch": epoch, "best_fitness": best_fitness, "best_metrics": _jsonable(best_metrics),
+              "ema_updates": ema.updates, "optimizer": optim_meta, "scheduler": scheduler.state_dict()}
+    save_checkpoint(path, model, _with_extra(stage.meta, {"resume": resume}), extra=extra)
 
 
 def _restore_state(path, model, ema, optimizer, scheduler, stage):
@@ -340,7 +344,9 @@ def _restore_state(path, model, ema, optimizer, scheduler, stage):
     load_model_state(ema.ema, ckpt.prefixed("ema."), path)
     for index, module in enumerate(stage.extra_modules):
         load_model_state(module, ckpt.prefixed(f"extra{index}."), path)
-    info = ckpt.meta["resume"]
+    info = ckpt.meta.get("resume")
+    if not isinstance(info, dict):
+        raise UserError(path, "cannot resume: the train state has no resume entry")
     ema.updates = info["ema_updates"]
     restore_optimizer(optimizer, {k: v for k, v in ckpt.tensors.items() if k.startswith("optim.")}, info["optimizer"])
     scheduler.load_state_dict(info["scheduler"])
@@ -348,32 +354,13 @@ def _restore_state(path, model, ema, optimizer, scheduler, stage):
 
 
 # ------------------------------------------------------------------------------------------ stages
-def checkpoint_meta(recipe: dict, spec, stage: str, data_yaml: str, model, bit_plan=None) -> dict:
-    return {
-        "version": __version__, "stage": stage, "model": recipe["model"], "nc": spec.nc, "names": list(spec.names),
-        "input_mode": recipe["input_mode"], "input_names": list(model.input_names), "img_size": recipe["img_size"],
-        "sr": model.sr is not None, "data": data_yaml, "recipe": {k: v for k, v in recipe.items()},
-        "strides": model.detect.stride.tolist(), "anchors_pixels": model.detect.anchors_pixels.tolist(),
-        "bit_plan": None if bit_plan is None else bit_plan.to_dict(),
-    }
-
-
-def model_from_checkpoint(path, with_sr: bool = True):
-    """Rebuild the exact model a checkpoint was saved from (quantizers and bit plan included)."""
-    ckpt = load_checkpoint(path)
-    meta = ckpt.meta
-    state = ckpt.model_state
-    has_sr = any(k.startswith("sr.") for k in state)
-    model = build_model(meta["model"], nc=meta["nc"], input_mode=meta["input_mode"], sr=has_sr)
-    if meta.get("bit_plan"):
-        from .quant import BitPlan, quantize_model
-
-        plan = BitPlan.from_dict(meta["bit_plan"])
-        model = quantize_model(model, plan, scale_init="max")  # scales are overwritten by the checkpoint's
-    load_model_state(model, state, path)
-    if has_sr and not with_sr:
-        model.sr = None
-    return model.eval(), meta
+def checkpoint_meta(recipe: dict, spec, stage: str, data_yaml: str, model, bit_plan=None, **extra) -> CheckpointHeader:
+    return CheckpointHeader(
+        version=__version__, stage=stage, model=recipe["model"], nc=spec.nc, names=list(spec.names),
+        input_mode=recipe["input_mode"], input_names=list(model.input_names), img_size=recipe["img_size"],
+        sr=model.sr is not None, data=data_yaml, recipe={k: v for k, v in recipe.items()},
+        strides=model.detect.stride.tolist(), anchors_pixels=model.detect.anchors_pixels.tolist(),
+        bit_plan=bit_plan, extra=extra)
 
 
 class TeacherForward(nn.Module):
@@ -442,7 +429,7 @@ class GhostForward(nn.Module):
 
 
 def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
-    from .distill import gqsd_loss, ost_distance
+    from ghost_deploy.train.distill import gqsd_loss, ost_distance
 
     def step(train_module, batch, inputs):
         inner = train_module.module if hasattr(train_module, "module") else train_module
@@ -471,13 +458,15 @@ def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
 
 def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
     """The GHOST bit plan: an edited JSON when given, else HQ (k-means rule) or a budget, per the recipe."""
-    from .quant import BitPlan, budget_plan, hq_plan
+    from ghost_deploy.quant import BitPlan, budget_plan, check_plan_against_model, hq_plan
 
     plan_cfg = recipe["ghost"]["plan"]
     if isinstance(bit_plan_path, BitPlan):
         return bit_plan_path
     if bit_plan_path:
-        return BitPlan.load(bit_plan_path, model=student)
+        plan = BitPlan.load(bit_plan_path)
+        check_plan_against_model(plan, student)
+        return plan
     if plan_cfg["method"] == "hq":
         plan = hq_plan(student, threshold=plan_cfg["threshold"], bit_min=plan_cfg["bit_min"], bit_max=plan_cfg["bit_max"],
                        seed=recipe["seed"], act_bits=plan_cfg["act_bits"], img_size=recipe["img_size"])
@@ -493,11 +482,11 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
                 resume: bool = False, progress: bool = True, strict: bool = False, epochs: int | None = None,
                 rank: int = 0, world_size: int = 1, log=print, distill: bool | None = None) -> dict:
     """GHOST: student initialised from the teacher, quantized with the bit plan, trained with GQSD + OST/SCM."""
-    from .distill import OpenRateLog, SelfTeaching
-    from .quant import calibrate_activations, quantize_model
+    from ghost_deploy.train.distill import OpenRateLog, SelfTeaching
+    from ghost_deploy.quant import calibrate_activations, quantize_model
 
     out_dir = Path(out_dir)
-    from .quant import fold_bn
+    from ghost_deploy.quant import fold_bn
 
     teacher, teacher_meta = model_from_checkpoint(teacher_path, with_sr=False)
     student_init = teacher.detector_state_dict()
@@ -505,18 +494,18 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
     teacher = fold_bn(teacher).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
-    recipe = {**recipe, "model": teacher_meta["model"], "input_mode": teacher_meta["input_mode"]}
-    bundle = load_data(recipe, data or teacher_meta.get("data"), strict=strict, with_hr=False)
+    recipe = {**recipe, "model": teacher_meta.model, "input_mode": teacher_meta.input_mode}
+    bundle = load_data(recipe, data or teacher_meta.data, strict=strict, with_hr=False)
     seed_everything(recipe["seed"])
-    student = build_model(teacher_meta["model"], nc=teacher_meta["nc"], input_mode=teacher_meta["input_mode"])
+    student = build_model(teacher_meta.model, nc=teacher_meta.nc, input_mode=teacher_meta.input_mode)
     student.load_state_dict(student_init)
     plan_file = out_dir / "bit_plan.json"
     if resume and plan_file.exists():
         bit_plan_path = plan_file  # the plan is part of the run's state
     if callable(bit_plan_path):  # a plan that depends on the student, e.g. a uniform plan for an ablation
         bit_plan_path = bit_plan_path(student)
-    from .distributed import broadcast_object
-    from .quant import BitPlan
+    from ghost_deploy.train.distributed import broadcast_object
+    from ghost_deploy.quant import BitPlan
 
     # Computed once on rank 0 and broadcast, so every rank quantizes with the very same plan.
     plan_json = make_bit_plan(student, recipe, bit_plan_path, log).to_json() if rank == 0 else None
@@ -533,7 +522,7 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
     student = quantize_model(student, plan)
     calibrate_activations(student, calib_batches)
     if not recipe["ghost"]["learn_act_scales"]:
-        from .quant import act_quantizers
+        from ghost_deploy.quant import act_quantizers
 
         # Calibrated (MSE) and kept: weight scales still learn (LSQ); learned 8-bit activation scales add little
         # and their LSQ gradient was ~40% of a CPU QAT step.
@@ -557,9 +546,9 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
         open_log.reset()
         return {"open_rate": round(float(np.mean(rates)), 4) if rates else "", "open_rate_per_layer": " ".join(f"{r:.2f}" for r in rates)}
 
-    meta = checkpoint_meta(recipe, bundle.spec, "ghost", bundle.data_yaml, student, bit_plan=plan)
-    meta["teacher"] = {"path": str(teacher_path), "metrics": teacher_meta.get("metrics")}
-    meta["distill"] = distill_cfg
+    meta = checkpoint_meta(recipe, bundle.spec, "ghost", bundle.data_yaml, student, bit_plan=plan,
+                           teacher={"path": str(teacher_path), "metrics": teacher_meta.get("metrics")},
+                           distill=distill_cfg)
     stage = StageSpec("ghost", student, recipe["ghost"], extra_modules=[distiller], meta=meta,
                       step_fn=_ghost_step(teacher, loss_fn, distill_cfg, open_log), epoch_end_fn=epoch_end,
                       train_module=GhostForward(student, distiller))

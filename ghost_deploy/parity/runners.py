@@ -1,7 +1,10 @@
-"""Torch-free runners sharing one interface: `input_names`, `output_names`, `infer(feed) -> dict`, `close()`.
+"""One runner interface for every way of running a model: `input_names`, `output_names`, `infer(feed) -> dict`,
+`close()`, and a context manager.
 
-`OrtRunner` runs an ONNX with ONNX Runtime; `trt.EngineRunner` runs a TensorRT engine. Parity code takes
-any object with this interface, so the same comparison runs on a laptop (ORT) and on the Jetson (TRT).
+Parity gates, engine builds and bench all take a `Runner`, so the same comparison runs on a laptop (ONNX
+Runtime, OpenVINO) and on the Jetson (TensorRT), and a new runtime is one subclass. `OrtRunner` is here;
+`export.reference.TorchRunner` runs a PyTorch module, `engines.trt.EngineRunner` a TensorRT engine and
+`engines.openvino.OpenVinoRunner` an OpenVINO compiled model. Torch-free.
 """
 from __future__ import annotations
 
@@ -13,7 +16,27 @@ import numpy as np
 from ghost_deploy.errors import UserError
 
 
-class OrtRunner:
+class Runner:
+    """Base class: subclasses set `input_names` and `output_names` (model order) and implement `infer`."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name for one batch of inputs by name."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the runtime's resources; the runner is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OrtRunner(Runner):
     """ONNX Runtime behind the runner interface.
 
     `exact=True` (default) sets `session.disable_quant_qdq`: ORT then computes what the graph says (Q, DQ, a
@@ -24,7 +47,7 @@ class OrtRunner:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, providers=("CPUExecutionProvider",), threads: int | None = None,
-                 exact: bool = True, optimize: bool = True):
+                 exact: bool = True, optimize: bool = True, spin_wait: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -34,8 +57,9 @@ class OrtRunner:
             raise UserError(self.path, "ONNX file not found")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        # no busy-waiting worker threads: on a shared machine they fight the other processes
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # no busy-waiting worker threads by default: on a shared machine (or in an interleaved bench round) they
+        # keep burning the cores after each run; a process that runs only this model may prefer spinning
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         if exact:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         if not optimize:  # every node as written: no Conv+Mul / Conv+Add folding into the weights
@@ -59,8 +83,10 @@ class OrtRunner:
     def close(self) -> None:
         self.session = None
 
-    def __enter__(self):
-        return self
+    @property
+    def input_shapes(self) -> dict[str, list]:
+        return {i.name: list(i.shape) for i in self.session.get_inputs()}
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    @property
+    def custom_metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)

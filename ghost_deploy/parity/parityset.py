@@ -4,10 +4,9 @@ One `.npz` (no pickles) with keys `input/<name>`, `output/<name>` and `meta` (UT
 uint8 array). Every later stage (ORT check, TensorRT engine, deployment bundle on a Jetson) runs the
 same inputs and compares against the same reference, so a parity number always means the same thing.
 
-meta keys written by the export stage: `input_names`, `output_names` (order = model order),
-`image_paths`, `image_sha256`, `strides` (one per head output), `anchors_pixels` (per head, pairs of
-w,h in input pixels), `nc`, `names`, `budgets` (see compare.Budgets), and optionally `output_scales`.
-Torch-free: numpy only.
+The meta is a `contract.ParityMeta`: input and output names (model order), the images, the head geometry
+(strides, anchors in input pixels, nc, names), the budgets (compare.Budgets), output scales, the reference's
+arithmetic. Torch-free: numpy only.
 """
 from __future__ import annotations
 
@@ -20,8 +19,12 @@ from typing import Callable
 
 import numpy as np
 
+from ghost_deploy.contract import ParityMeta
 from ghost_deploy.errors import UserError
+from ghost_deploy.eval.boxes import xywh2xyxy
+from ghost_deploy.eval.postprocess import decode_heads_np, non_max_suppression_np
 from ghost_deploy.io import atomic_path, sha256_file
+from ghost_deploy.parity.compare import ImageDetections
 
 INPUT_PREFIX = "input/"
 OUTPUT_PREFIX = "output/"
@@ -32,7 +35,7 @@ META_KEY = "meta"
 class ParitySet:
     inputs: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray]
-    meta: dict
+    meta: ParityMeta
     sha256: str
     path: str | None = None
     input_names: list[str] = field(default_factory=list)
@@ -47,26 +50,20 @@ class ParitySet:
         return detection_fn_from_meta(self.meta, self.output_names, conf_thres, iou_thres, max_det)
 
 
-def detection_fn_from_meta(meta: dict, output_names: list[str], conf_thres: float = 0.001,
+def detection_fn_from_meta(meta: ParityMeta, output_names: list[str], conf_thres: float = 0.001,
                            iou_thres: float = 0.45, max_det: int = 300):
     """Build the decode+NMS function for raw head outputs; None if the meta lacks head geometry."""
-    strides = meta.get("strides")
-    anchors = meta.get("anchors_pixels")
-    nc = meta.get("nc")
-    if strides is None or anchors is None or nc is None:
+    if not meta.describes_heads:
         return None
-    head_names = list(meta.get("head_output_names") or output_names)
+    strides, anchors, nc = meta.strides, meta.anchors_pixels, meta.nc
+    head_names = list(meta.head_output_names or output_names)
     if len(head_names) != len(strides):
         raise UserError(None, f"parity set meta: {len(strides)} strides but {len(head_names)} head outputs {head_names}")
-    from ghost_deploy import postprocess  # lazy: numpy-only module owned by the postprocess stage
-
-    from ghost_deploy.boxes import xywh2xyxy
-    from ghost_deploy.compare import ImageDetections
 
     def detect(outputs: dict[str, np.ndarray]) -> list[ImageDetections]:
         heads = [np.asarray(outputs[name], dtype=np.float32) for name in head_names]
-        pred = postprocess.decode_heads_np(heads, strides, anchors, int(nc))
-        found = postprocess.non_max_suppression_np(pred, conf_thres, iou_thres, max_det, with_anchors=True)
+        pred = decode_heads_np(heads, strides, anchors, int(nc))
+        found = non_max_suppression_np(pred, conf_thres, iou_thres, max_det, with_anchors=True)
         return [ImageDetections(np.asarray(boxes, dtype=np.float64).reshape(-1, 6), rows,
                                 np.concatenate((xywh2xyxy(image[:, :4]), image[:, 4:]), axis=1))
                 for (boxes, rows), image in zip(found, pred)]
@@ -89,13 +86,14 @@ def _check_arrays(kind: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 
 def save_parity_set(path: str | os.PathLike, inputs: dict[str, np.ndarray],
-                    reference_outputs: dict[str, np.ndarray], meta: dict) -> str:
+                    reference_outputs: dict[str, np.ndarray], meta: ParityMeta | dict) -> str:
     """Write the parity set atomically; returns the sha256 of the written file."""
     inputs = _check_arrays("input", inputs)
     reference_outputs = _check_arrays("output", reference_outputs)
-    meta = dict(meta)
+    meta = meta.to_dict() if isinstance(meta, ParityMeta) else dict(meta)
     meta.setdefault("input_names", list(inputs))
     meta.setdefault("output_names", list(reference_outputs))
+    ParityMeta.from_dict(meta, source=path)  # what a reader will decode
     if sorted(meta["input_names"]) != sorted(inputs):
         raise UserError(path, f"meta input_names {meta['input_names']} do not match the inputs {list(inputs)}")
     if sorted(meta["output_names"]) != sorted(reference_outputs):
@@ -131,16 +129,15 @@ def load_parity_set(path: str | os.PathLike) -> ParitySet:
         meta = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(path, f"parity set meta is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise UserError(path, "parity set meta must be a JSON object")
+    meta = ParityMeta.from_dict(meta, source=path)
     inputs = {k[len(INPUT_PREFIX):]: v for k, v in arrays.items() if k.startswith(INPUT_PREFIX)}
     outputs = {k[len(OUTPUT_PREFIX):]: v for k, v in arrays.items() if k.startswith(OUTPUT_PREFIX)}
     if not inputs:
         raise UserError(path, "parity set has no 'input/<name>' arrays")
     if not outputs:
         raise UserError(path, "parity set has no 'output/<name>' arrays")
-    input_names = list(meta.get("input_names") or inputs)
-    output_names = list(meta.get("output_names") or outputs)
+    input_names = list(meta.input_names or inputs)
+    output_names = list(meta.output_names or outputs)
     missing = [n for n in input_names if n not in inputs] + [n for n in output_names if n not in outputs]
     if missing:
         raise UserError(path, f"parity set meta names arrays that are missing: {missing}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import write_json_atomic
+from ghost_deploy.io import write_json_atomic
 
 ROWS = (
     ("uniform W8 QAT", {"plan": ("uniform", 8), "distill": False}),
@@ -21,17 +21,17 @@ ROWS = (
 
 def score_checkpoint(path, recipe: dict, split: str = "test") -> dict:
     """mAP on `split`, average bits, size and BOPs of a checkpoint."""
-    from .data import Dataset, load_dataset_yaml
-    from .quant import BitPlan, average_weight_bits, bops, size_mb, uniform_plan
-    from .train import make_loader, model_from_checkpoint
-    from .val import evaluate_model
+    from ghost_deploy.data import Dataset, load_dataset_yaml
+    from ghost_deploy.quant import BitPlan, average_weight_bits, bops, size_mb, uniform_plan
+    from ghost_deploy.checkpoint import model_from_checkpoint
+    from ghost_deploy.train.loop import make_loader
+    from ghost_deploy.eval.val import evaluate_model
 
     model, meta = model_from_checkpoint(path, with_sr=False)
-    spec = load_dataset_yaml(meta["data"])
-    loader = make_loader(Dataset(spec, split, meta["img_size"], augment=False), 16, False, 0)
-    metrics = evaluate_model(model, loader, meta["nc"], recipe["eval"]["conf_thres"], recipe["eval"]["iou_thres"])
-    plan = BitPlan.from_dict(meta["bit_plan"]) if meta.get("bit_plan") else uniform_plan(
-        model, weight_bits=32, act_bits=32, image_size=meta["img_size"])
+    spec = load_dataset_yaml(meta.data)
+    loader = make_loader(Dataset(spec, split, meta.img_size, augment=False), 16, False, 0)
+    metrics = evaluate_model(model, loader, meta.nc, recipe["eval"]["conf_thres"], recipe["eval"]["iou_thres"])
+    plan = meta.bit_plan or uniform_plan(model, weight_bits=32, act_bits=32, image_size=meta.img_size)
     return {"mAP50": metrics["mAP50"], "mAP50_95": metrics["mAP50_95"], "per_class_ap50": metrics["per_class"]["ap50"],
             "avg_weight_bits": average_weight_bits(plan)["param_weighted"], "size_mb": size_mb(plan),
             "bops_g": bops(plan) / 1e9, "checkpoint": str(path)}
@@ -39,8 +39,8 @@ def score_checkpoint(path, recipe: dict, split: str = "test") -> dict:
 
 def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: int | None = None, split: str = "test",
                  progress: bool = False, log=print) -> list[dict]:
-    from .quant import uniform_plan
-    from .train import train_ghost, train_teacher
+    from ghost_deploy.quant import uniform_plan
+    from ghost_deploy.train.loop import train_ghost, train_teacher
 
     out = Path(out)
     if teacher is None:
@@ -66,11 +66,11 @@ def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: in
 
 def ptq_rows(recipe: dict, out: Path, teacher: str, ghost_checkpoint: str, split: str, log=print) -> list[dict]:
     """The post-training baselines from the same teacher: INT8 PTQ, and PTQ at the GHOST run's bit plan."""
-    from .checkpoint import read_meta
-    from .calib import make_calib_set
-    from .ptq import ptq_checkpoint
+    from ghost_deploy.checkpoint import read_meta
+    from ghost_deploy.data.calib import make_calib_set
+    from ghost_deploy.quant.ptq import ptq_checkpoint
 
-    manifest = make_calib_set(read_meta(teacher)["data"], 256, split="train", out_dir=out / "calib", force=True)
+    manifest = make_calib_set(read_meta(teacher).data, 256, split="train", out_dir=out / "calib", force=True)
     rows = []
     for name, plan in (("PTQ INT8 (MSE calibration)", None), ("PTQ at the GHOST plan", ghost_checkpoint)):
         tag = "ptq-int8" if plan is None else "ptq-ghost-plan"

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ghost_deploy.boxes import bbox_iou
+from ghost_deploy.eval.boxes import bbox_iou
 
 DEFAULT_HYP = {"box": 0.05, "obj": 1.0, "cls": 0.5, "anchor_t": 4.0}  # YOLOv5 hyp.scratch.yaml
 DEFAULT_BALANCE = {1: [4.0], 3: [4.0, 1.0, 0.4]}

@@ -12,11 +12,11 @@ def _cli_errors(func):
     this module and ghost_deploy/cli.py can import each other in either order."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from .. import errors
+        from ghost_deploy import errors
 
         handler = getattr(errors, "handle_cli_errors", None)
         if handler is None:
-            from ..cli import _handle_errors as handler
+            from ghost_deploy.cli import _handle_errors as handler
         return handler(func)(*args, **kwargs)
 
     return wrapper
@@ -71,12 +71,12 @@ def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, targ
     Exit 0: written and within budget. Exit 1: a check failed; the report is saved and the model is kept only
     as <stem>.FAILED.onnx. Exit 2: bad input.
     """
-    from .api import export_onnx
+    from ghost_deploy.export.api import export_onnx
 
-    from ..errors import UserError
+    from ghost_deploy.errors import UserError
 
     if weights:  # PTQ: quantize the FP32 model into a checkpoint of its own, then the very same export path
-        from ..ptq import ptq_checkpoint
+        from ghost_deploy.quant.ptq import ptq_checkpoint
 
         if checkpoint or not calib_manifest:
             raise UserError("--weights", "PTQ takes --weights FP32_CKPT with --calib MANIFEST (and no --onnx)")

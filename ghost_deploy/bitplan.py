@@ -6,13 +6,14 @@ human-editable JSON; see docs/quantization.md for the schema. 32 bits means "sta
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from dataclasses import dataclass, field
 
-from ..errors import UserError
-from ..io import write_json_atomic
+from ghost_deploy.errors import UserError
+from ghost_deploy.io import write_json_atomic
 
 FORMAT = "ghost-deploy/bit-plan"
 VERSION = 1
@@ -122,20 +123,22 @@ class BitPlan:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None) -> "BitPlan":
-        """Read a plan; with `model`, also require its layers to be exactly the model's convs."""
+    def load(cls, path: str | os.PathLike) -> "BitPlan":
+        """Read a plan file (`quant.plans.check_plan_against_model` then checks it against a model)."""
         try:
             text = open(path, encoding="utf-8").read()
         except OSError as exc:
             raise UserError(path, f"cannot read bit plan ({exc.strerror})") from None
-        plan = cls.from_json(text, source=path)
-        if model is not None:
-            check_plan_against_model(plan, model)
-        return plan
+        return cls.from_json(text, source=path)
 
     # --- views ---
     def summary(self) -> str:
         return format_plan_table(self)
+
+    @functools.cached_property
+    def totals(self) -> dict:
+        """Size, BOPs and average bits (`summary_numbers`), computed once: every stage reports these."""
+        return summary_numbers(self)
 
     def weight_bits(self) -> list[int]:
         return [layer.weight_bits for layer in self.layers.values()]
@@ -190,20 +193,6 @@ def _check_shared_inputs(plan: BitPlan) -> None:
                       else f"shares activation quantizer {layer.quantizer_key!r} (set act_quantizer to split them)")
             raise UserError(plan.source, f"layer {name!r}: act_bits {layer.act_bits} differs from {first[0]!r} "
                                          f"({first[1]}), which {shared}")
-
-
-def check_plan_against_model(plan: BitPlan, model) -> None:
-    """UserError naming the plan file and the first unknown or missing layer."""
-    from .trace import conv_names
-
-    names = conv_names(model)
-    known = set(names)
-    for name in plan.layers:
-        if name not in known:
-            raise UserError(plan.source, f"unknown layer {name!r}: not a conv of this model")
-    for name in names:
-        if name not in plan.layers:
-            raise UserError(plan.source, f"layer {name!r} is missing from the plan")
 
 
 # --- cost model ---
@@ -280,60 +269,3 @@ def _bits_text(bits: int) -> str:
     return "FP" if bits == FLOAT_BITS else str(bits)
 
 
-# --- building plans from a model ---
-def profile_model(model, input_shapes) -> dict[str, tuple[int, int]]:
-    """{conv name: (params, MACs per image)} from one traced forward; MACs = out_elems * in/groups * k*k."""
-    from .trace import inputs_from_shapes, trace_convs
-
-    return {site.name: (site.params, site.macs) for site in trace_convs(model, inputs_from_shapes(model, input_shapes))}
-
-
-def model_sites(model, image_size: int = 512, input_shapes=None):
-    """The traced conv sites of a Detector at `image_size` (or of any model at `input_shapes`).
-
-    A full-size trace is slow on a CPU, so the Detector is traced at 64 and 128 px; when every conv's MACs
-    grow exactly 4x between them (all strides divide the size), they are scaled to `image_size`.
-    """
-    from .trace import example_inputs, inputs_from_shapes, trace_convs
-
-    if input_shapes is not None:
-        return trace_convs(model, inputs_from_shapes(model, input_shapes))
-    if image_size > 128 and image_size % 64 == 0:
-        small, large = trace_convs(model, example_inputs(model, 64)), trace_convs(model, example_inputs(model, 128))
-        if all(b.macs == 4 * a.macs for a, b in zip(small, large)):
-            factor = (image_size // 64) ** 2
-            for site in small:
-                site.macs *= factor
-            return small
-    return trace_convs(model, example_inputs(model, image_size))
-
-
-def model_name(model) -> str:
-    config = getattr(model, "config", None)
-    return getattr(config, "name", type(model).__name__)
-
-
-def plan_from_bits(model, weight_bits: dict[str, int | None] | int | None, act_bits: int | None = 8,
-                   image_size: int = 512, input_shapes=None, method: str = "uniform", criteria: dict | None = None,
-                   sites=None, **plan_fields) -> BitPlan:
-    """A plan for `model` with the given weight bits (one int for all, or per layer) and activation bits."""
-    sites = sites if sites is not None else model_sites(model, image_size, input_shapes)
-    layers = {}
-    for site in sites:
-        bits = weight_bits.get(site.name) if isinstance(weight_bits, dict) else weight_bits
-        layers[site.name] = LayerPlan(
-            weight_bits=bits, act_bits=act_bits, params=site.params, macs=site.macs,
-            criterion=(criteria or {}).get(site.name, method), input_tensor=site.input_tensor,
-            act_quantizer=site.act_quantizer,
-            out_channels=site.out_channels, bias_params=site.bias_params,
-        )
-    return BitPlan(layers=layers, method=method, model_name=model_name(model),
-                   image_size=image_size if input_shapes is None else None, **plan_fields)
-
-
-def uniform_plan(model, weight_bits: int | None = 8, act_bits: int | None = 8, image_size: int = 512,
-                 float_layers=(), input_shapes=None) -> BitPlan:
-    """Every conv at `weight_bits` (float for names in `float_layers`), inputs at `act_bits`."""
-    sites = model_sites(model, image_size, input_shapes)
-    bits = {site.name: (None if site.name in float_layers else weight_bits) for site in sites}
-    return plan_from_bits(model, bits, act_bits, image_size, input_shapes, method="uniform", sites=sites)

@@ -1,0 +1,1 @@
+"""Evaluation stage: boxes, head decoding, NMS (torch and numpy twins), mAP, the one validation path."""

@@ -1,0 +1,1 @@
+"""Parity stage (torch-free): parity inputs, the parity set, runners, the comparator, the gate, exact arithmetic."""
