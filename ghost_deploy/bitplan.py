@@ -137,8 +137,12 @@ class BitPlan:
 
     @functools.cached_property
     def totals(self) -> dict:
-        """Size, BOPs and average bits (`summary_numbers`), computed once: every stage reports these."""
-        return summary_numbers(self)
+        """Size, BOPs and average bits, computed once: every stage reports these (`summary_numbers` rounds them)."""
+        average = average_weight_bits(self)
+        return {"layers": len(self.layers), "float_layers": sum(layer.weight_is_float for layer in self.layers.values()),
+                "size_mb": size_mb(self), "conv_weights_mb": size_mb(self, conv_weights_only=True),
+                "bops_g": bops(self) / 1e9, "avg_weight_bits": average["param_weighted"],
+                "mean_weight_bits": average["mean"]}
 
     def weight_bits(self) -> list[int]:
         return [layer.weight_bits for layer in self.layers.values()]
@@ -236,16 +240,9 @@ def average_weight_bits(plan: BitPlan) -> dict[str, float]:
 
 
 def summary_numbers(plan: BitPlan) -> dict:
-    average = average_weight_bits(plan)
-    return {
-        "layers": len(plan.layers),
-        "float_layers": sum(layer.weight_is_float for layer in plan.layers.values()),
-        "size_mb": round(size_mb(plan), 6),
-        "conv_weights_mb": round(size_mb(plan, conv_weights_only=True), 6),
-        "bops_g": round(bops(plan) / 1e9, 4),
-        "avg_weight_bits": round(average["param_weighted"], 4),
-        "mean_weight_bits": round(average["mean"], 4),
-    }
+    """`plan.totals`, rounded as the plan file stores them."""
+    digits = {"size_mb": 6, "conv_weights_mb": 6, "bops_g": 4, "avg_weight_bits": 4, "mean_weight_bits": 4}
+    return {key: round(value, digits[key]) if key in digits else value for key, value in plan.totals.items()}
 
 
 def format_plan_table(plan: BitPlan) -> str:

@@ -16,12 +16,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ghost_deploy.contract import CheckpointHeader
+from ghost_deploy.contract import CHECKPOINT_FORMAT, CheckpointHeader
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import atomic_path
 from ghost_deploy.model import build_model
 from ghost_deploy.quant.quantizers import quantize_model
-
 
 
 @dataclass
@@ -41,9 +40,14 @@ class Checkpoint:
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, header: CheckpointHeader,
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, header: CheckpointHeader | dict,
                     extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `model`'s state (plus optional extra tensors, e.g. EMA or optimiser state) atomically."""
+    """Write `model`'s state (plus optional extra tensors, e.g. EMA or optimiser state) atomically.
+
+    `header` may be a plain dict of the header's fields: it is decoded (and so checked) like a read header.
+    """
+    if not isinstance(header, CheckpointHeader):
+        header = CheckpointHeader.from_dict({"format": CHECKPOINT_FORMAT, **header}, source=path)
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     for key, value in (extra or {}).items():
         tensors[key] = value.detach().to("cpu").contiguous()

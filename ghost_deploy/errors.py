@@ -6,7 +6,10 @@ report is saved, and the CLI exits with code 1. Anything else is a bug and keeps
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import traceback
 
 EXIT_PARITY = 1
 EXIT_USER = 2
@@ -38,10 +41,6 @@ DEBUG = {"on": False}
 
 def handle_cli_errors(func):
     """Map UserError to one line on stderr + exit 2, ParityError to exit 1; tracebacks only with --debug."""
-    import functools
-    import sys
-    import traceback
-
     import click
 
     @functools.wraps(func)

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from ghost_deploy.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -59,8 +61,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def read_user_text(path: str | os.PathLike, what: str) -> str:
     """A user's text file, or a one-line UserError naming it: '<what> not found', 'not UTF-8 text', unreadable."""
-    from ghost_deploy.errors import UserError
-
     path = Path(path)
     try:
         return path.read_text(encoding="utf-8")
@@ -76,7 +76,6 @@ def read_user_yaml(path: str | os.PathLike, what: str):
     """`read_user_text` parsed as YAML; a syntax error is one line naming the file."""
     import yaml
 
-    from ghost_deploy.errors import UserError
 
     text = read_user_text(path, what)
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ghost_deploy.contract import OnnxMetadata
+from ghost_deploy.contract import OnnxMetadata, ghost_entries
 from ghost_deploy.errors import UserError
 
 QUANTIZE = "QuantizeLinear"
@@ -159,3 +159,20 @@ def onnx_metadata(onnx_path) -> OnnxMetadata | None:
     """The decoded `ghost.*` metadata of an ONNX file, or None for an ONNX that is not one of our exports."""
     props = read_metadata_props(onnx_path)
     return OnnxMetadata.from_strings(props, source=onnx_path) if OnnxMetadata.is_ours(props) else None
+
+
+def content_sha256(model: onnx.ModelProto, metadata: dict[str, str]) -> str:
+    digest = hashlib.sha256(graph_sha256(model).encode())
+    for key, value in sorted(ghost_entries(metadata).items()):
+        if key != OnnxMetadata.HASH_KEY:
+            digest.update(f"{key}={value}\n".encode())
+    return digest.hexdigest()
+
+
+def check_binding(path, model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """UserError unless the graph and the ghost.* entries are what the export wrote."""
+    stored = metadata.get(OnnxMetadata.HASH_KEY)
+    if not stored:
+        raise UserError(path, f"metadata lacks {OnnxMetadata.HASH_KEY}: not a complete ghost-deploy export")
+    if content_sha256(model, metadata) != stored:
+        raise UserError(path, "graph or ghost.* metadata changed after export (hash mismatch); re-export it from the checkpoint")

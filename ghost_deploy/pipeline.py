@@ -2,10 +2,20 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import time
 from pathlib import Path
 
-from ghost_deploy.errors import UserError
-
+from ghost_deploy import __version__
+from ghost_deploy.bench import run_bench
+from ghost_deploy.bench.run import artifacts_from_run
+from ghost_deploy.checkpoint import read_meta
+from ghost_deploy.engines import build
+from ghost_deploy.errors import ParityError
+from ghost_deploy.export import export_onnx
+from ghost_deploy.io import sha256_file, write_json_atomic
+from ghost_deploy.train.loop import train_ghost, train_teacher
 
 # ---------------------------------------------------------------------------------------- the pipeline
 STAGES = ("teacher", "ghost", "export", "engine", "bench")
@@ -14,8 +24,6 @@ STAGES = ("teacher", "ghost", "export", "engine", "bench")
 @functools.lru_cache(maxsize=1)
 def code_sha256() -> str:
     """sha256 of the package's own source: a stage re-runs after any code change, not only a version bump."""
-    import hashlib
-
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
@@ -25,11 +33,7 @@ def code_sha256() -> str:
 
 def _fingerprint(*parts) -> str:
     """Hash of a stage's inputs: the recipe, the code (version and source), and the sha256 of the files it reads."""
-    import hashlib
-    import json
 
-    from ghost_deploy import __version__
-    from ghost_deploy.io import sha256_file
 
     digest = hashlib.sha256(f"{__version__}:{code_sha256()}".encode())
     for part in parts:
@@ -44,7 +48,6 @@ class _StageLedger:
     """`pipeline.json` in the run folder: each stage's input fingerprint and outputs, to skip unchanged work."""
 
     def __init__(self, run: Path):
-        import json
 
         self.path = run / "pipeline.json"
         self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -59,7 +62,6 @@ class _StageLedger:
         return None
 
     def record(self, stage: str, fingerprint: str, outputs: list, summary: dict) -> dict:
-        from ghost_deploy.io import write_json_atomic
 
         self.entries[stage] = {"fingerprint": fingerprint, "outputs": [str(p) for p in outputs], "summary": summary}
         write_json_atomic(self.path, self.entries)
@@ -73,10 +75,7 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
     Each stage reads the previous stage's artifacts; a stage whose inputs did not change since the last
     run (same recipe, code version and input file hashes) is skipped. Returns the summary it prints.
     """
-    import time
 
-    from ghost_deploy.errors import ParityError
-    from ghost_deploy.train.loop import train_ghost, train_teacher
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -118,7 +117,6 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
 
 
 def _train_stage(result: dict):
-    from ghost_deploy.checkpoint import read_meta
 
     header = read_meta(result["best"])
     metrics = header.get("metrics")
@@ -130,8 +128,6 @@ def _train_stage(result: dict):
 
 
 def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log, parity_config: dict):
-    from ghost_deploy.errors import ParityError
-    from ghost_deploy.export import export_onnx
 
     forms = {
         "ghost": (ghost_ckpt, out / "ghost.onnx", {}),
@@ -158,7 +154,6 @@ def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log, parity_con
 
 
 def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):
-    from ghost_deploy.engines import build
 
     result = build(onnx_path, target, out, checkpoint=checkpoint, progress=False, require_export=True)
     if result["status"] == "engine":
@@ -168,9 +163,6 @@ def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):
 
 
 def _bench_stage(run: Path, checkpoint: str, iterations: int, progress: bool, log):
-    from ghost_deploy.bench import run_bench
-    from ghost_deploy.bench.run import artifacts_from_run
-    from ghost_deploy.checkpoint import read_meta
 
     # mAP on the val split of the dataset the checkpoint was trained on (recorded in the checkpoint)
     result = run_bench(artifacts_from_run(run), run / "bench", data=read_meta(checkpoint).data, iterations=iterations,

@@ -9,7 +9,6 @@ import copy
 import os
 from pathlib import Path
 
-
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import read_user_yaml
 

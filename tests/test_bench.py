@@ -295,7 +295,8 @@ class OracleBackend(Backend):
 
 
 def test_accuracy_path_scores_an_exact_detector_at_map_one(workdir):
-    from ghost_deploy.data import Dataset, load_dataset_yaml
+    from ghost_deploy.data import load_dataset_yaml
+    from ghost_deploy.data.dataset import Dataset
 
     spec = head_spec_from_meta(read_meta(workdir["teacher"]), str(workdir["teacher"]))
     dataset = Dataset(load_dataset_yaml(workdir["data"]), "val", IMG, augment=False)
@@ -321,7 +322,8 @@ def test_numpy_decoding_matches_the_model_head(workdir):
 
 
 def test_ground_truth_matches_val_py(workdir):
-    from ghost_deploy.data import Dataset, collate, load_dataset_yaml
+    from ghost_deploy.data import load_dataset_yaml
+    from ghost_deploy.data.dataset import Dataset, collate
     from ghost_deploy.eval.val import ground_truth
 
     dataset = Dataset(load_dataset_yaml(workdir["data"]), "val", IMG, augment=False)
@@ -346,7 +348,8 @@ def test_preprocess_letterboxes_both_sensors_alike():
 
 def test_preprocess_of_dataset_frames_equals_the_validation_inputs(workdir):
     from ghost_deploy.bench.prepost import dataset_frame_paths, decode_frame
-    from ghost_deploy.data import Dataset, load_dataset_yaml
+    from ghost_deploy.data import load_dataset_yaml
+    from ghost_deploy.data.dataset import Dataset
 
     frames = [decode_frame(paths) for paths in dataset_frame_paths(workdir["data"], "val", ["rgb", "ir"], 3)]
     feed = preprocess(frames, ["rgb", "ir"], 48)  # 64 px tiles scaled down, then letterboxed
@@ -397,24 +400,28 @@ def test_exported_onnx_metadata_is_read(workdir, tmp_path):
 
     from ghost_deploy.bench.prepost import head_outputs, head_spec_from_onnx
     from ghost_deploy.bench.sizes import onnx_precision
+    from ghost_deploy.contract import OnnxMetadata
+    from ghost_deploy.export.metadata import set_metadata
 
     model = onnx.load(str(workdir["onnx"]))
     assert head_spec_from_onnx(workdir["onnx"]) is None and onnx_precision(workdir["onnx"]) == "fp32"
     teacher = read_meta(workdir["teacher"])
-    values = {"precision": "qdq", "target": "cpu", "int4_weights": "false", "nc": "5", "names": json.dumps(NAMES),
-              "input_names": '["rgb", "ir"]', "img_size": str(IMG), "strides": json.dumps(teacher["strides"]),
-              "anchors": json.dumps(teacher["anchors_pixels"])}
-    for key, value in values.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = f"ghost.{key}", value
+    def tagged(img_size: int):
+        return OnnxMetadata(model="ghost-n", nc=5, names=list(NAMES), input_mode="rgb+ir", input_names=["rgb", "ir"],
+                            img_size=img_size, strides=teacher.strides, anchors=teacher.anchors_pixels,
+                            head_output_names=[o.name for o in model.graph.output],
+                            output_names=[o.name for o in model.graph.output], bit_plan=None, precision="qdq",
+                            target="cpu")
+
+    set_metadata(model, tagged(IMG))
     path = tmp_path / "tagged.onnx"
     onnx.save(model, str(path))
     assert onnx_precision(path) == "int8-qdq-cpu"
     spec = head_spec_from_onnx(path)
     assert spec.nc == 5 and spec.img_size == IMG and spec.input_names == ("rgb", "ir")
-    assert np.allclose(spec.anchors_pixels, teacher["anchors_pixels"])
+    assert np.allclose(spec.anchors_pixels, teacher.anchors_pixels)
     with pytest.raises(UserError, match="img_size is 32"):
-        model.metadata_props[[p.key for p in model.metadata_props].index("ghost.img_size")].value = "32"
+        set_metadata(model, tagged(32))
         onnx.save(model, str(path))
         run_bench({"checkpoints": [workdir["teacher"]], "onnx": [path]}, tmp_path / "out")
     assert head_outputs(["boxes", "head_s16", "head_s4", "head_s8"]) == ["head_s4", "head_s8", "head_s16"]

@@ -8,9 +8,12 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from ghost_deploy.data.calib import (_largest_remainder, calib_batches, calib_group, load_calib_set, load_pair_arrays,
-                                make_calib_set, parity_inputs_from_manifest, range_coverage)
-from ghost_deploy.data import Dataset, ensure_synthetic_dataset, load_dataset_yaml, parse_label_file
+from ghost_deploy.cli.calib import calib_group
+from ghost_deploy.data.calib import _largest_remainder, calib_batches, load_calib_set, load_pair_arrays, make_calib_set
+from ghost_deploy.parity.inputs import parity_inputs_from_manifest
+from ghost_deploy.quant.coverage import range_coverage
+from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml, parse_label_file
+from ghost_deploy.data.dataset import Dataset
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import sha256_file
 from ghost_deploy.model import build_model

@@ -16,7 +16,7 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
     model = ghost_deploy.build_model("ghost-n", nc=3)
     path = save_checkpoint(tmp_path / "m.safetensors", model, META)
     ckpt = load_checkpoint(path)
-    assert read_meta(path)["names"] == ["a", "b", "c"]
+    assert read_meta(path).names == ["a", "b", "c"]
     clone = ghost_deploy.build_model("ghost-n", nc=3)
     load_model_state(clone, ckpt.model_state, path)
     for key, value in model.state_dict().items():

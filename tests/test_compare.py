@@ -135,7 +135,7 @@ def test_parity_set_round_trip(tmp_path):
     assert loaded.input_names == ["rgb"] and loaded.output_names == ["p3", "p4"]
     np.testing.assert_array_equal(loaded.inputs["rgb"], inputs["rgb"])
     np.testing.assert_array_equal(loaded.outputs["p4"], outputs["p4"])
-    assert loaded.meta["strides"] == [8, 16] and loaded.meta["nc"] == 4
+    assert loaded.meta.strides == [8, 16] and loaded.meta.nc == 4
 
 
 def test_parity_set_errors(tmp_path):

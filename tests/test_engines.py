@@ -15,6 +15,9 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from ghost_deploy.parity.compare import Budgets  # noqa: E402
 from ghost_deploy.engines import build, run_bundle_parity, why_no_engine  # noqa: E402
 from ghost_deploy.engines.bundle import BUNDLE_FILES, trtexec_commands  # noqa: E402
+from ghost_deploy.bitplan import BitPlan  # noqa: E402
+from ghost_deploy.contract import OnnxMetadata  # noqa: E402
+from ghost_deploy.export.metadata import set_metadata  # noqa: E402
 from ghost_deploy.engines.receipt import (make_receipt, map_engine_layers_to_plan, plan_precision_report,  # noqa: E402
                                           read_l4t_release, verify_runtime, write_receipt)
 from ghost_deploy.parity.runners import OrtRunner  # noqa: E402
@@ -26,7 +29,8 @@ from ghost_deploy.parity.parityset import load_parity_set, save_parity_set  # no
 REPO = Path(__file__).resolve().parents[1]
 NC, STRIDES = 2, [8, 16]
 ANCHORS = [[[10, 13], [16, 30], [33, 23]], [[30, 61], [62, 45], [59, 119]]]
-BIT_PLAN = {"layers": {"model.0.conv": {"weight_bits": 4}, "model.1.conv": {"weight_bits": 8}}}
+BIT_PLAN = BitPlan.from_dict({"layers": {"model.0.conv": {"weight_bits": 4, "act_bits": 8, "params": 1, "macs": 1},
+                                         "model.1.conv": {"weight_bits": 8, "act_bits": 8, "params": 1, "macs": 1}}})
 NO_TRT_HERE = {"tensorrt_version": None, "compute_capability": None, "jetson_target": None}
 
 
@@ -43,7 +47,7 @@ def make_qdq_onnx(path: Path, imgsz: int = 32, seed: int = 0) -> Path:
              numpy_helper.from_array(np.array(3 / 127, np.float32), "in_scale"),
              numpy_helper.from_array(np.array(0, np.int8), "zero")]
     outputs = []
-    for level, (stride, layer) in enumerate(zip(STRIDES, BIT_PLAN["layers"])):
+    for level, (stride, layer) in enumerate(zip(STRIDES, BIT_PLAN.layers)):
         codes = rng.integers(-7, 8, size=(channels, width, stride, stride)).astype(np.int8)  # 4-bit codes in INT8
         scale = (rng.random(channels) * 0.004 + 0.002).astype(np.float32)
         inits += [numpy_helper.from_array(codes, f"{layer}.weight_q"),
@@ -60,7 +64,10 @@ def make_qdq_onnx(path: Path, imgsz: int = 32, seed: int = 0) -> Path:
     graph = helper.make_graph(nodes, "tiny_qdq", [helper.make_tensor_value_info(
         "rgb", TensorProto.FLOAT, ["batch", 3, imgsz, imgsz])], outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    helper.set_model_props(model, {"ghost.bit_plan": json.dumps(BIT_PLAN)})
+    set_metadata(model, OnnxMetadata(
+        model="tiny", nc=1, names=["object"], input_mode="rgb", input_names=["rgb"], img_size=imgsz,
+        strides=list(STRIDES), anchors=[], head_output_names=[o.name for o in outputs],
+        output_names=[o.name for o in outputs], bit_plan=BIT_PLAN, precision="qdq", target="trt"))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -154,7 +161,7 @@ def test_bundle_is_complete(model, tmp_path):
     assert receipt["built"] is False and receipt["engine"] is None and receipt["hashes"]["engine"] is None
     assert receipt["hashes"]["onnx"] == load_sha(model) == load_sha(bundle / "model.onnx")
     assert receipt["hashes"]["parity_set"] == load_parity_set(bundle / "parity.npz").sha256
-    assert receipt["bit_plan"] == BIT_PLAN and receipt["target"]["name"] == "jetson-agx-orin"
+    assert receipt["bit_plan"] == BIT_PLAN.to_dict() and receipt["target"]["name"] == "jetson-agx-orin"
     assert receipt["dla_core"] == 0
     trtexec = (bundle / "TRTEXEC.md").read_text()
     assert "--onnx=model.onnx --saveEngine=model.engine --int8 --fp16" in trtexec

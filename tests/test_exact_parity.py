@@ -7,7 +7,7 @@ from onnx import numpy_helper
 
 from ghost_deploy.parity.compare import Budgets
 from ghost_deploy.errors import ParityError, UserError
-from ghost_deploy.parity.exact import check_exact_parity
+from ghost_deploy.export.reference import check_exact_parity
 from ghost_deploy.export import export_onnx
 from ghost_deploy.cli.export import export_command
 from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
@@ -46,7 +46,7 @@ def test_float32_rounding_fails_a_zero_budget_that_exact_arithmetic_meets(roundi
                          parity_arithmetic="exact", progress=False)
     assert result.passed and result.exact.bit_identical and not result.parity.passed
     saved = load_parity_set(result.parity_set_path)  # engines are held to the exact reference
-    assert saved.meta["arithmetic"] == "exact" and "exactly" in saved.meta["reference"]
+    assert saved.meta.arithmetic == "exact" and "exactly" in saved.meta.reference
     for name, value in result.exact.reference_outputs.items():
         np.testing.assert_array_equal(saved.outputs[name], value)
 
@@ -95,7 +95,8 @@ def test_a_conv_records_its_largest_sum_and_can_fall_back_to_float_sums():
     import torch
     from torch import nn
 
-    from ghost_deploy.parity.exact import EXACT_SUM_LIMIT, ExactConv, ExactConvModule
+    from ghost_deploy.parity.exact import EXACT_SUM_LIMIT, ExactConv
+    from ghost_deploy.export.reference import ExactConvModule
     from ghost_deploy.quant.quantizers import QuantConv2d
 
     conv = QuantConv2d(nn.Conv2d(600, 2, 3, padding=1, bias=False), weight_bits=8, act_bits=8)

@@ -117,13 +117,13 @@ def test_sub_8_bit_codes_are_the_trained_codes(exported):
 def test_metadata_holds_the_plan_and_readable_names(exported):
     graph, meta = exported["onnx"], exported["meta"]
     _, values = load_our_onnx(exported["result"].onnx_path)
-    assert values["bit_plan"] == meta["bit_plan"]
-    assert values["model"] == "ghost-n" and values["names"] == meta["names"] and values["input_mode"] == "rgb+ir"
-    assert values["strides"] == meta["strides"] and values["anchors"] == meta["anchors_pixels"]
-    assert values["checkpoint_sha256"] == exported["result"].report["checkpoint_sha256"]
-    assert values["precision"] == "qdq" and values["target"] == "trt" and values["format"] == "ghost-deploy/onnx/v1"
+    assert values.bit_plan.to_dict() == meta.bit_plan.to_dict()
+    assert values.model == "ghost-n" and values.names == meta.names and values.input_mode == "rgb+ir"
+    assert values.strides == meta.strides and values.anchors == meta.anchors_pixels
+    assert values.checkpoint_sha256 == exported["result"].report["checkpoint_sha256"]
+    assert values.precision == "qdq" and values.target == "trt" 
     names = {n.name for n in graph.graph.node}
-    for layer in meta["bit_plan"]["layers"]:
+    for layer in meta.bit_plan.layers:
         assert {layer, f"{layer}.weight_dq"} <= names
     assert {"model.3.conv.input_q", "model.3.conv.input_dq"} <= names
     # a shared quantizer is named after its first reader and says who reads it
@@ -142,9 +142,9 @@ def test_gate_passes_and_parity_set_is_saved(exported):
     assert result.parity.detections is not None
     parity_set = load_parity_set(result.parity_set_path)
     assert parity_set.sha256 == result.report["parity_set_sha256"]
-    assert parity_set.meta["onnx_sha256"] == result.report["onnx_sha256"]
+    assert parity_set.meta.onnx_sha256 == result.report["onnx_sha256"]
     assert parity_set.inputs["rgb"].shape == (2, 3, IMG, IMG) and parity_set.inputs["ir"].shape == (2, 1, IMG, IMG)
-    assert len(parity_set.meta["image_paths"]) == 2
+    assert len(parity_set.meta.image_paths) == 2
     # the references are the checkpoint model's own outputs on those inputs
     with torch.no_grad():
         heads = exported["model"](torch.from_numpy(parity_set.inputs["rgb"]), torch.from_numpy(parity_set.inputs["ir"]))

@@ -68,7 +68,7 @@ def test_cpu_target_is_a_lossless_reencoding_that_ort_runs_with_integer_kernels(
     ort.InferenceSession(str(result.onnx_path), options, providers=["CPUExecutionProvider"])
     fused = [n for n in onnx.load(str(root / "optimized.onnx")).graph.node if n.op_type == "QLinearConv"]
     assert len(fused) == len(cpu["integer_convs"])
-    assert load_our_onnx(result.onnx_path)[1]["target"] == "cpu"
+    assert load_our_onnx(result.onnx_path)[1].target == "cpu"
     # the 4-channel stem stays float, with the trained per-channel codes: ORT must not re-quantize its weights
     assert cpu["float_stem_convs"] == ["model.0.conv"] and "model.0.conv" not in cpu["integer_convs"]
     optimized = onnx.load(str(root / "optimized.onnx")).graph
@@ -127,7 +127,7 @@ def test_fp32_export_of_a_teacher_matches_pytorch(root, mixed_checkpoint):
     names = {n.name for n in graph.graph.node}
     assert {"model.3.conv", "model.24.m.2"} <= names
     _, meta = load_our_onnx(result.onnx_path)
-    assert meta["precision"] == "fp32" and meta["bit_plan"] is None
+    assert meta.precision == "fp32" and meta.bit_plan is None
     assert result.layers == []
     # a quantized student exports through the same path without its quantizers (no gate: its latent float
     # weights are not a model anyone trained, so only the graph is checked)

@@ -12,7 +12,8 @@ from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.export import api, export_onnx
 from ghost_deploy.cli.export import export_command
 from ghost_deploy.export.sample import save_sample_checkpoint
-from ghost_deploy.parity.gate import budgets_from_recipe, images_from_folder, localise
+from ghost_deploy.parity.inputs import budgets_from_recipe, images_from_folder
+from ghost_deploy.export.localise import localise
 from ghost_deploy.checkpoint import model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,7 +74,7 @@ def test_corrupted_weight_scale_fails_the_export_and_is_localised(setup, monkeyp
     assert report["passed"] is False and report["parity"]["report"]["passed"] is False
     first = report["parity"]["per_layer"]["first_over_budget"]
     assert first["name"] == target and first["status"] == "OVER BUDGET: conv"
-    bits = setup["meta"]["bit_plan"]["layers"][target]["weight_bits"]
+    bits = setup["meta"].bit_plan.layers[target].weight_bits
     assert first["weight_bits"] == bits
     upstream = [row for row in report["parity"]["per_layer"]["layers"]][:5]
     assert all(not row["over_budget"] for row in upstream)
@@ -91,10 +92,10 @@ def test_corrupted_input_scale_is_localised_to_its_quantizer(setup):
     graph = onnx.load(str(setup["good"].onnx_path))
     target = "model.5.conv"
     _multiply(_scale_initializer(graph, f"{target}.input_q"), 1.5)
-    budgets = budgets_from_recipe(setup["meta"]["recipe"])
+    budgets = budgets_from_recipe(setup["meta"].recipe)
     inputs = images_from_folder(setup["images"], ["rgb", "ir"], IMG, 2).inputs
-    layer_bits = {name: (entry["weight_bits"], entry["act_bits"])
-                  for name, entry in setup["meta"]["bit_plan"]["layers"].items()}
+    layer_bits = {name: (None if entry.weight_is_float else entry.weight_bits, entry.act_bits)
+                  for name, entry in setup["meta"].bit_plan.layers.items()}
     layers = localise(setup["model"], graph, inputs, layer_bits, budgets)
     assert layers.first_over_budget["name"] == target
     assert "input quantizer" in layers.first_over_budget["status"]
@@ -125,13 +126,13 @@ def test_noise_floor_of_a_rounding_sensitive_model_is_measured(setup):
     """Noise of a given relative size in every layer: outputs move, a tight cosine budget fails, a loose one passes."""
     from ghost_deploy.parity.compare import Budgets
     from ghost_deploy.export.torch_graph import make_wrapper
-    from ghost_deploy.parity.gate import LayerReport, noise_floor
+    from ghost_deploy.export.localise import LayerReport, noise_floor
     from ghost_deploy.parity.parityset import load_parity_set
 
     parity_set = load_parity_set(setup["good"].parity_set_path)
     model, meta = setup["model"], setup["meta"]
     rows = [{"name": name, "conv": {"relative_error": 1e-3}, "over_budget": False}
-            for name in meta["bit_plan"]["layers"]]
+            for name in meta.bit_plan.layers]
     layers = LayerReport(rows, None, 0.0, 0.9999)
     wrapper = make_wrapper(model, meta, IMG, decode=False)
     tight = noise_floor(wrapper, model, parity_set, layers, Budgets(min_cosine=0.9999999, score_threshold=2.0), trials=2)

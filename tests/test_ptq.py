@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_deploy.data.calib import calib_batches, load_calib_set, make_calib_set, range_coverage
+from ghost_deploy.data.calib import calib_batches, load_calib_set, make_calib_set
+from ghost_deploy.quant.coverage import range_coverage
 from ghost_deploy.checkpoint import read_meta, save_checkpoint
-from ghost_deploy.data import Dataset, ensure_synthetic_dataset, load_dataset_yaml
+from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml
+from ghost_deploy.data.dataset import Dataset
 from ghost_deploy.errors import UserError
 from ghost_deploy.model import build_model
 from ghost_deploy.quant.ptq import calibrate, entropy_threshold, ptq_checkpoint
@@ -42,13 +44,13 @@ def setup(tmp_path_factory):
 
 def test_ptq_checkpoint_loads_with_codes_on_the_grid(setup):
     model, meta = setup["loaded"]
-    assert meta["stage"] == "ptq"
+    assert meta.stage == "ptq"
     calib_set = load_calib_set(setup["manifest"])
-    assert meta["ptq"]["calib_set"]["sha256"] == calib_set.sha256 and meta["ptq"]["calib_set"]["name"] == "tiny"
-    assert meta["ptq"]["act_calibrator"] == "entropy" and meta["ptq"]["weight_method"] == "mse"
-    assert meta["teacher"]["path"] == str(setup["teacher"])
+    assert meta.get("ptq")["calib_set"]["sha256"] == calib_set.sha256 and meta.get("ptq")["calib_set"]["name"] == "tiny"
+    assert meta.get("ptq")["act_calibrator"] == "entropy" and meta.get("ptq")["weight_method"] == "mse"
+    assert meta.get("teacher")["path"] == str(setup["teacher"])
     layers = quant_layers(model)
-    assert len(layers) == len(meta["bit_plan"]["layers"]) and {q.weight_bits for _, q in layers} == {8}
+    assert len(layers) == len(meta.bit_plan.layers) and {q.weight_bits for _, q in layers} == {8}
     for _, qconv in layers:
         codes = qconv.weight_codes()
         low, high = qrange(qconv.weight_bits)
@@ -122,8 +124,8 @@ def test_ptq_at_a_mixed_plan_from_json_or_checkpoint(setup, tmp_path):
     # A quantized checkpoint's plan (as a GHOST run would give it) is read from its meta.
     from_ckpt = ptq_checkpoint(setup["teacher"], tmp_path / "b.safetensors", setup["manifest"], plan=from_json)
     for path in (from_json, from_ckpt):
-        layers = read_meta(path)["bit_plan"]["layers"]
-        assert {name: layers[name]["weight_bits"] for name in names} == {n: b or 32 for n, b in bits.items()}
+        layers = read_meta(path).bit_plan.layers
+        assert {name: layers[name].weight_bits for name in names} == {n: b or 32 for n, b in bits.items()}
     quantized, _ = model_from_checkpoint(from_ckpt)
     assert dict((n, q.weight_bits) for n, q in quant_layers(quantized)) == bits  # float weights, INT8 input
 

@@ -6,8 +6,14 @@ Modules: `backends` (one class per runtime), `timing` (warm-up, interleaved timi
 `report` (table, JSON, Markdown, plots), `compare` (regression gate), `run` (`run_bench`), `cli`.
 See docs/bench.md.
 """
-from ghost_deploy.bench.backends import (Backend, BackendUnavailable, OrtBackend, TorchBackend, TrtBackend,
-                                         backends_from_artifacts)
+from ghost_deploy.bench.backends import (
+    Backend,
+    BackendUnavailable,
+    OrtBackend,
+    TorchBackend,
+    TrtBackend,
+    backends_from_artifacts,
+)
 from ghost_deploy.bench.regression import compare_results, format_comparison, load_result
 from ghost_deploy.bench.run import FORMAT, artifacts_from_run, normalise_artifacts, run_bench
 from ghost_deploy.bench.timing import WarmupPolicy

@@ -11,8 +11,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ghost_deploy.bench.backends import Backend
-from ghost_deploy.bench.prepost import EVAL_NMS, HeadSpec, check_modalities, check_heads, postprocess
+from ghost_deploy.bench.prepost import EVAL_NMS, HeadSpec, check_heads, check_modalities, postprocess
+from ghost_deploy.data.dataset import Dataset, collate, load_dataset_yaml
 from ghost_deploy.errors import UserError
+from ghost_deploy.eval.evaluate import evaluate_detections
 
 
 def _ground_truth(targets: np.ndarray, image_index: int, height: int, width: int) -> np.ndarray:
@@ -23,7 +25,6 @@ def _ground_truth(targets: np.ndarray, image_index: int, height: int, width: int
 
 
 def _batches(dataset, batch_size: int, max_images: int | None):
-    from ghost_deploy.data.dataset import collate
 
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     for start in range(0, count, batch_size):
@@ -37,8 +38,6 @@ def evaluate_backends(backends: Sequence[Backend], spec: HeadSpec, data_yaml: st
 
     A backend whose input batch is fixed (a static-shape ONNX or engine) is fed that batch size.
     """
-    from ghost_deploy.data.dataset import Dataset, load_dataset_yaml
-    from ghost_deploy.eval.evaluate import evaluate_detections
 
     data_spec = load_dataset_yaml(data_yaml)
     check_modalities(data_spec, spec.input_names)

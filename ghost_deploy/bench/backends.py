@@ -14,6 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ghost_deploy.bench.prepost import head_outputs
+from ghost_deploy.bench.sizes import onnx_precision
+from ghost_deploy.checkpoint import read_meta
+from ghost_deploy.contract import metadata_key
+from ghost_deploy.engines.trt import EngineRunner, TensorRTUnavailable
 from ghost_deploy.errors import UserError
 
 
@@ -102,7 +107,6 @@ class TorchBackend(Backend):
 
     def __init__(self, checkpoint: str | os.PathLike, fake_quant: bool | None = None, device: str = "cpu",
                  threads: int | None = None, name: str | None = None):
-        from ghost_deploy.checkpoint import read_meta
 
         path = _require_file(Path(checkpoint), "checkpoint")
         self.meta = read_meta(path)
@@ -129,6 +133,8 @@ class TorchBackend(Backend):
             from ghost_deploy.checkpoint import model_from_checkpoint
         except ImportError as exc:
             raise BackendUnavailable(f"cannot import PyTorch or the model code ({exc})") from None
+        if self.device == "auto":  # the same default as train: CUDA when there is one
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable(f"device {self.device} requested but CUDA is not available")
         if self.threads:
@@ -176,7 +182,6 @@ class OrtBackend(Backend):
 
     def __init__(self, onnx_path: str | os.PathLike, label: str | None = None, threads: int | None = None,
                  providers=("CPUExecutionProvider",), spin_wait: bool = False):
-        from ghost_deploy.bench.sizes import onnx_precision
 
         path = _require_file(Path(onnx_path), "ONNX file")
         precision = onnx_precision(path)
@@ -202,10 +207,9 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(self.providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(self.path, f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
-        from ghost_deploy.bench.prepost import head_outputs
 
         self.input_names = tuple(i.name for i in self.session.get_inputs())
-        declared = self.session.get_modelmeta().custom_metadata_map.get("ghost.head_output_names")
+        declared = self.session.get_modelmeta().custom_metadata_map.get(metadata_key("head_output_names"))
         self.output_names = head_outputs([o.name for o in self.session.get_outputs()],
                                          json.loads(declared) if declared else None)
         self._input_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
@@ -241,7 +245,6 @@ class TrtBackend(Backend):
         self.head_names: list[str] = []
 
     def _load(self) -> None:
-        from ghost_deploy.engines.trt import EngineRunner, TensorRTUnavailable
 
         try:
             self.runner = EngineRunner(self.path)
@@ -249,7 +252,6 @@ class TrtBackend(Backend):
             raise BackendUnavailable(str(exc)) from None
         except ImportError as exc:  # pycuda / cuda-python absent
             raise BackendUnavailable(f"CUDA bindings missing ({exc})") from None
-        from ghost_deploy.bench.prepost import head_outputs
 
         self.input_names = tuple(self.runner.input_names)
         self.head_names = head_outputs(self.runner.output_names)

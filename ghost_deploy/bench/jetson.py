@@ -19,6 +19,9 @@ import threading
 import time
 from pathlib import Path
 
+from ghost_deploy.engines.receipt import read_l4t_release
+from ghost_deploy.engines.targets import read_device_tree_model
+
 NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 BOARD_RAILS = ("VDD_IN", "POM_5V_IN")  # whole-module input rail, first match wins
 _RAIL = re.compile(r"\b([A-Z][A-Z0-9_]+)\s+(\d+)(?:mW)?/(\d+)(?:mW)?")
@@ -100,7 +103,6 @@ def board_power_mw(rails: dict[str, float]) -> tuple[str, float] | None:
 
 
 def is_jetson() -> bool:
-    from ghost_deploy.engines.targets import read_device_tree_model
 
     model = read_device_tree_model() or ""
     return NV_TEGRA_RELEASE.exists() or "jetson" in model.lower()
@@ -110,8 +112,6 @@ def board_state() -> dict:
     """Power mode, clock state and board identity; `{"is_jetson": False, "note": ...}` elsewhere."""
     if not is_jetson():
         return {"is_jetson": False, "note": "not a Jetson", "power_mode": None, "clocks": None}
-    from ghost_deploy.engines.receipt import read_l4t_release
-    from ghost_deploy.engines.targets import read_device_tree_model
 
     state: dict = {"is_jetson": True, "model": read_device_tree_model(), "l4t": read_l4t_release(), "notes": []}
     text, error = _run(["nvpmodel", "-q"])

@@ -7,7 +7,6 @@ head maps and runs NMS with the torch-free twins in `ghost_deploy.eval.postproce
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,9 @@ from typing import Sequence
 import numpy as np
 
 from ghost_deploy.contract import CheckpointHeader, OnnxMetadata
+from ghost_deploy.data.augment import letterbox, resize_long_side
+from ghost_deploy.data.dataset import Dataset, load_dataset_yaml
+from ghost_deploy.data.images import read_ir, read_rgb
 from ghost_deploy.errors import UserError
 from ghost_deploy.eval.postprocess import decode_heads_np, non_max_suppression_np
 from ghost_deploy.onnx_graph import onnx_metadata
@@ -101,8 +103,6 @@ def synthetic_frames(input_names: Sequence[str], count: int, img_size: int, seed
 
 def dataset_frame_paths(data_yaml: str | Path, split: str, input_names: Sequence[str], count: int) -> list[dict[str, Path]]:
     """The image files of the first `count` samples of a split, per sensor."""
-    from ghost_deploy.data.dataset import Dataset, load_dataset_yaml
-
     spec = load_dataset_yaml(data_yaml)
     check_modalities(spec, input_names)
     dataset = Dataset(spec, split, 64, augment=False)  # indexing only: the size is not used to read paths
@@ -110,7 +110,6 @@ def dataset_frame_paths(data_yaml: str | Path, split: str, input_names: Sequence
 
 
 def decode_frame(paths: dict[str, Path]) -> dict[str, np.ndarray]:
-    from ghost_deploy.data.images import read_ir, read_rgb
 
     readers = {"rgb": read_rgb, "ir": read_ir}
     return {name: readers[name](path) for name, path in paths.items()}
@@ -125,8 +124,6 @@ def check_modalities(spec, input_names: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------- pre / post
 def preprocess(frames: Sequence[dict[str, np.ndarray]], input_names: Sequence[str], img_size: int) -> dict[str, np.ndarray]:
     """uint8 frames -> {name: float32 (B, C, img_size, img_size)} in [0, 1], letterboxed like validation."""
-    from ghost_deploy.data.augment import letterbox, resize_long_side
-
     batches: dict[str, list[np.ndarray]] = {name: [] for name in input_names}
     no_boxes = np.zeros((0, 6))
     for frame in frames:

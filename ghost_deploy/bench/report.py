@@ -1,11 +1,13 @@
 """Bench output: the terminal table, bench.json (docs/bench-schema.json), report.md and its PNG plots."""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ghost_deploy.bench.jetson import power_mode_label
 from ghost_deploy.io import atomic_path, write_json_atomic, write_text_atomic
 
 JSON_NAME = "bench.json"
@@ -75,7 +77,6 @@ def format_summary(result: dict) -> str:
     settings = result["settings"]
     lines = [format_table(result), ""]
     board = result["board"]
-    from ghost_deploy.bench.jetson import power_mode_label
 
     lines.append(f"machine: {result['machine']['cpu'] or result['machine']['platform']}, "
                  f"{result['machine']['threads']} threads; board: {power_mode_label(board)}"
@@ -99,24 +100,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def markdown_report(result: dict, plots: dict[str, str | None]) -> str:
-    """report.md: settings, latency, end to end, sizes, accuracy, memory, power, with the plots inline."""
-    from ghost_deploy.bench.jetson import power_mode_label
-
-    machine, settings, board = result["machine"], result["settings"], result["board"]
-    lines = ["# Bench report", "", f"Created {result['created']} on {machine['cpu'] or machine['platform']} "
-             f"({machine['cpu_count']} CPUs, {machine['threads']} threads, device {machine['device']}); "
-             f"board: {power_mode_label(board)}.", ""]
-    lines += [f"Model: {len(result['model']['names'])} classes, inputs {result['model']['input_names']} at "
-              f"{result['model']['img_size']} px (decoding from `{result['model']['source']}`).", ""]
-    lines += ["Protocol: each backend is loaded and warmed up alone until the coefficient of variation of its last "
-              f"{settings['warmup']['window']} runs is at most {settings['warmup']['cv_target']}; then "
-              f"{settings['iterations']} timed runs per backend and batch size, backends interleaved round-robin "
-              "(the first backend rotates each round). End to end = uint8 "
-              f"{settings['frames']} frames of shape {settings['frame_shape']} -> resize + letterbox + packing -> "
-              f"inference -> decode + NMS (conf {settings['deploy_nms']['conf_thres']}, IoU "
-              f"{settings['deploy_nms']['iou_thres']}).", ""]
-
+def _latency_section(result: dict, plots: dict[str, str | None]) -> list[str]:
+    lines = []
     lines += ["## Latency", ""]
     header = ["backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "max ms", "img/s", "warm-up runs"]
     rows = []
@@ -136,23 +121,12 @@ def markdown_report(result: dict, plots: dict[str, str | None]) -> str:
     lines += _md_table(header, rows) + [""]
     if plots.get("latency"):
         lines += [f"![Latency distribution per backend]({plots['latency']})", ""]
+    return lines
 
-    lines += ["## End to end (p50 / p99 ms)", ""]
-    rows = []
-    for record in result["backends"]:
-        for entry in record.get("latency", []):
-            if "end_to_end" not in entry:
-                continue
-            e2e = entry["end_to_end"]
-            rows.append([record["name"], str(entry["batch"])] +
-                        [f"{_fmt(e2e[s]['p50_ms'])} / {_fmt(e2e[s]['p99_ms'])}" for s in ("preprocess", "infer", "postprocess", "total")]
-                        + [_fmt(e2e["total"]["throughput_ips"], 1)])
-    lines += _md_table(["backend", "batch", "pre-process", "inference", "decode + NMS", "total", "img/s"], rows) + [""]
-    decode = result["frames"].get("decode")
-    if decode:
-        lines += [f"Reading and decoding the image files of one frame (all sensors): p50 {_fmt(decode['p50_ms'])} ms, "
-                  f"p99 {_fmt(decode['p99_ms'])} ms (not part of the end-to-end figures).", ""]
 
+def _size_and_accuracy_sections(result: dict, plots: dict[str, str | None]) -> list[str]:
+    settings = result["settings"]
+    lines = []
     lines += ["## Size", ""]
     rows = [[entry["role"], f"`{entry['path']}`", entry.get("precision", "-"), _fmt(entry["mb"], 3)]
             for entry in result["sizes"]["files"]]
@@ -187,7 +161,43 @@ def markdown_report(result: dict, plots: dict[str, str | None]) -> str:
             lines += [f"![mAP vs size]({plots['map_vs_size']})", ""]
     else:
         lines += ["Not measured (no dataset given).", ""]
+    return lines
 
+
+def markdown_report(result: dict, plots: dict[str, str | None]) -> str:
+    """report.md: settings, latency, end to end, sizes, accuracy, memory, power, with the plots inline."""
+    machine, settings, board = result["machine"], result["settings"], result["board"]
+    lines = ["# Bench report", "", f"Created {result['created']} on {machine['cpu'] or machine['platform']} "
+             f"({machine['cpu_count']} CPUs, {machine['threads']} threads, device {machine['device']}); "
+             f"board: {power_mode_label(board)}.", ""]
+    lines += [f"Model: {len(result['model']['names'])} classes, inputs {result['model']['input_names']} at "
+              f"{result['model']['img_size']} px (decoding from `{result['model']['source']}`).", ""]
+    lines += ["Protocol: each backend is loaded and warmed up alone until the coefficient of variation of its last "
+              f"{settings['warmup']['window']} runs is at most {settings['warmup']['cv_target']}; then "
+              f"{settings['iterations']} timed runs per backend and batch size, backends interleaved round-robin "
+              "(the first backend rotates each round). End to end = uint8 "
+              f"{settings['frames']} frames of shape {settings['frame_shape']} -> resize + letterbox + packing -> "
+              f"inference -> decode + NMS (conf {settings['deploy_nms']['conf_thres']}, IoU "
+              f"{settings['deploy_nms']['iou_thres']}).", ""]
+
+    lines += _latency_section(result, plots)
+    lines += ["## End to end (p50 / p99 ms)", ""]
+    rows = []
+    for record in result["backends"]:
+        for entry in record.get("latency", []):
+            if "end_to_end" not in entry:
+                continue
+            e2e = entry["end_to_end"]
+            rows.append([record["name"], str(entry["batch"])] +
+                        [f"{_fmt(e2e[s]['p50_ms'])} / {_fmt(e2e[s]['p99_ms'])}" for s in ("preprocess", "infer", "postprocess", "total")]
+                        + [_fmt(e2e["total"]["throughput_ips"], 1)])
+    lines += _md_table(["backend", "batch", "pre-process", "inference", "decode + NMS", "total", "img/s"], rows) + [""]
+    decode = result["frames"].get("decode")
+    if decode:
+        lines += [f"Reading and decoding the image files of one frame (all sensors): p50 {_fmt(decode['p50_ms'])} ms, "
+                  f"p99 {_fmt(decode['p99_ms'])} ms (not part of the end-to-end figures).", ""]
+
+    lines += _size_and_accuracy_sections(result, plots)
     lines += ["## Memory", "", "Host peak RSS is a process-wide figure: it is reset before each backend is loaded "
               "(Linux `clear_refs`), so each row is the high-water mark of that backend's load and warm-up, which "
               "still includes what the backends loaded before it hold; the delta is that backend's own growth.", ""]
@@ -219,7 +229,6 @@ def _save_figure(figure, path: Path) -> None:
 
 def _horizontal(axis) -> dict:
     # matplotlib >= 3.10 takes orientation=, older ones only vert= (deprecated since 3.11)
-    import inspect
 
     return {"orientation": "horizontal"} if "orientation" in inspect.signature(axis.boxplot).parameters else {"vert": False}
 

@@ -15,15 +15,33 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ghost_deploy import __version__
 from ghost_deploy.bench import jetson
+from ghost_deploy.bench.accuracy import evaluate_backends
 from ghost_deploy.bench.backends import Backend, BackendUnavailable, backends_from_artifacts
 from ghost_deploy.bench.memory import PeakWindow
-from ghost_deploy.bench.prepost import (DEPLOY_NMS, EVAL_NMS, HeadSpec, check_heads, dataset_frame_paths,
-                                        decode_frame, head_spec_from_meta, head_spec_from_onnx, postprocess,
-                                        preprocess, synthetic_frames)
+from ghost_deploy.bench.plan_layers import plan_summary
+from ghost_deploy.bench.prepost import (
+    DEPLOY_NMS,
+    EVAL_NMS,
+    HeadSpec,
+    check_heads,
+    dataset_frame_paths,
+    decode_frame,
+    head_spec_from_meta,
+    head_spec_from_onnx,
+    postprocess,
+    preprocess,
+    synthetic_frames,
+)
+from ghost_deploy.bench.report import write_reports
 from ghost_deploy.bench.sizes import artifact_sizes
 from ghost_deploy.bench.timing import WarmupPolicy, interleaved, latency_stats, warm_up
+from ghost_deploy.checkpoint import read_meta
+from ghost_deploy.contract import OnnxMetadata
 from ghost_deploy.errors import UserError
+from ghost_deploy.export.metadata import load_our_onnx
+from ghost_deploy.onnx_graph import read_metadata_props
 
 FORMAT = "ghost-deploy/bench/v1"
 ACCURACY_BATCH = 8  # images per accuracy batch (fixed-batch backends are fed their own size)
@@ -73,8 +91,6 @@ def artifacts_from_run(run_dir: str | os.PathLike) -> dict[str, list[str]]:
 
 def resolve_head_spec(artifacts: dict[str, list[str]]) -> HeadSpec:
     """From the first checkpoint's metadata, else the first ONNX whose metadata carries it."""
-    from ghost_deploy.checkpoint import read_meta
-
     for path in artifacts["checkpoints"]:
         return head_spec_from_meta(read_meta(path), path)
     for path in artifacts["onnx"]:
@@ -131,7 +147,6 @@ def _cpu_model() -> str | None:
 
 
 def machine_info(threads: int | None, device: str) -> dict:
-    from ghost_deploy import __version__
 
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(), "threads": threads, "device": device, "ghost_deploy": __version__,
@@ -229,7 +244,6 @@ def _time_inference(active: Sequence[Backend], feeds: dict[int, dict], refusals:
 def _time_end_to_end(active: Sequence[Backend], frames: dict[int, list], spec: HeadSpec, refusals: dict,
                      iterations: int, progress: bool) -> dict:
     """{batch: {backend: {"total", "preprocess", "infer", "postprocess": [s...]}}}."""
-
     def pipeline(backend: Backend, batch_frames: list) -> dict[str, float]:
         began = time.perf_counter()
         feed = preprocess(batch_frames, spec.input_names, spec.img_size)
@@ -323,7 +337,6 @@ def _measure(backends: list[Backend], spec: HeadSpec, frames: dict, feeds: dict,
     accuracy = {}
     if data:
         log(f"bench: mAP on {split} of {data}" + (f" (first {max_images} images)" if max_images else ""))
-        from ghost_deploy.bench.accuracy import evaluate_backends
 
         with _progress_bar(progress, 0, "mAP") as bar:
             def advance(done, total):
@@ -410,7 +423,6 @@ def run_bench(artifacts: dict, out_dir: str | os.PathLike, data: str | os.PathLi
         "sizes": {"files": files, "bit_plan": bit_plan},
         "notes": notes + list((bit_plan or {}).get("notes", [])),
     }
-    from ghost_deploy.bench.report import write_reports
 
     paths = write_reports(result, Path(out_dir), plots=plots)
     return {**result, "outputs": {key: str(path) for key, path in paths.items()}}

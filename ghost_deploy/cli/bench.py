@@ -7,25 +7,27 @@ from pathlib import Path
 
 import click
 
-from ghost_deploy.errors import handle_cli_errors as _handle_errors
-from ghost_deploy.errors import EXIT_PARITY, UserError
+from ghost_deploy.bench.regression import compare_results, format_comparison, load_result
+from ghost_deploy.bench.report import format_summary
+from ghost_deploy.bench.run import artifacts_from_run, normalise_artifacts, run_bench
+from ghost_deploy.bench.timing import WarmupPolicy
+from ghost_deploy.checkpoint import read_meta
+from ghost_deploy.cli.options import device_option, threads_option
+from ghost_deploy.errors import EXIT_PARITY, UserError, handle_cli_errors
 
 DEFAULT_RUN = Path("runs") / "demo"
 
 
 def _default_data(artifacts: dict) -> str | None:
     """The dataset the first checkpoint was trained on, when its YAML is still there."""
-    from ghost_deploy.checkpoint import read_meta
-
     for path in artifacts.get("checkpoints", []):
-        data = read_meta(path).get("data")
+        data = read_meta(path).data
         if data and Path(data).is_file():
             return str(data)
     return None
 
 
 def _gate(old_path: str, old: dict, new: dict, max_regression: float, max_map_drop: float) -> None:
-    from ghost_deploy.bench.regression import compare_results, format_comparison
 
     comparison = compare_results(old, new, max_regression, max_map_drop, old_path=old_path)
     click.echo(f"\ncompared with {old_path}:")
@@ -52,8 +54,8 @@ def _gate(old_path: str, old: dict, new: dict, max_regression: float, max_map_dr
               help="Warm-up ends when the coefficient of variation of the last 10 runs is at most this.")
 @click.option("--warmup-max", type=click.IntRange(min=1), default=300, show_default=True,
               help="Most warm-up runs per backend and batch size (also capped at 20 s).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads for PyTorch and ONNX Runtime alike.")
-@click.option("--device", default="cpu", show_default=True, help="Device of the PyTorch backends (cpu, cuda, cuda:N).")
+@threads_option
+@device_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (default RUN/bench or runs/bench).")
 @click.option("--compare", "compare_to", type=click.Path(), default=None, help="Older bench.json: print deltas, exit 1 past the thresholds.")
 @click.option("--against", type=click.Path(), default=None, help="With --compare: compare this saved bench.json instead of running.")
@@ -63,7 +65,7 @@ def _gate(old_path: str, old: dict, new: dict, max_regression: float, max_map_dr
               help="Largest allowed absolute drop of mAP50 or mAP50:95.")
 @click.option("--no-plots", is_flag=True, help="Write the JSON and Markdown without PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-@_handle_errors
+@handle_cli_errors
 def bench_command(run_dir, checkpoint, onnx, engine, data, no_accuracy, split, max_images, batch_sizes, iterations,
                   warmup_cv, warmup_max, threads, device, out_dir, compare_to, against, max_regression, max_map_drop, no_plots, no_progress):
     """How fast, how big and how accurate each form of the model is, measured in one run on the same inputs.
@@ -79,10 +81,6 @@ def bench_command(run_dir, checkpoint, onnx, engine, data, no_accuracy, split, m
     # backend that runs next in an interleaved round; this must be set before torch is first imported.
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from ghost_deploy.bench.regression import load_result
-    from ghost_deploy.bench.report import format_summary
-    from ghost_deploy.bench.run import artifacts_from_run, normalise_artifacts, run_bench
-    from ghost_deploy.bench.timing import WarmupPolicy
 
     if against and not compare_to:
         raise UserError("--against", "needs --compare OLD.json")

@@ -1,25 +1,13 @@
-"""`ghost-deploy export`: a thin click wrapper over `export_onnx` (registered in ghost_deploy/cli.py)."""
+"""`ghost-deploy export`: a thin click wrapper over `export_onnx` (and PTQ with --weights/--calib)."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
-
-def _cli_errors(func):
-    """The main CLI's error handling (UserError -> exit 2, ParityError -> exit 1), looked up at call time so
-    this module and ghost_deploy/cli.py can import each other in either order."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from ghost_deploy import errors
-
-        handler = getattr(errors, "handle_cli_errors", None)
-        if handler is None:
-            from ghost_deploy.cli import _handle_errors as handler
-        return handler(func)(*args, **kwargs)
-
-    return wrapper
+from ghost_deploy.errors import UserError, handle_cli_errors
+from ghost_deploy.export.api import export_onnx
+from ghost_deploy.quant.ptq import ptq_checkpoint
 
 
 def default_out_path(checkpoint: Path, fp32: bool, int4_weights: bool, target: str) -> Path:
@@ -62,7 +50,7 @@ def default_out_path(checkpoint: Path, fp32: bool, int4_weights: bool, target: s
 @click.option("--per-layer", is_flag=True,
               help="Compare every layer and measure the model's float32 noise floor (automatic when the gate fails).")
 @click.option("--no-progress", is_flag=True, help="Print nothing but errors.")
-@_cli_errors
+@handle_cli_errors
 def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, target, decode, no_parity, parity_images,
                    weights, calib_manifest, calibrator, weight_method, bit_plan, data, parity_arithmetic, per_layer,
                    no_progress):
@@ -71,13 +59,8 @@ def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, targ
     Exit 0: written and within budget. Exit 1: a check failed; the report is saved and the model is kept only
     as <stem>.FAILED.onnx. Exit 2: bad input.
     """
-    from ghost_deploy.export.api import export_onnx
-
-    from ghost_deploy.errors import UserError
 
     if weights:  # PTQ: quantize the FP32 model into a checkpoint of its own, then the very same export path
-        from ghost_deploy.quant.ptq import ptq_checkpoint
-
         if checkpoint or not calib_manifest:
             raise UserError("--weights", "PTQ takes --weights FP32_CKPT with --calib MANIFEST (and no --onnx)")
         weights = Path(weights)

@@ -18,21 +18,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import numpy as np
 import yaml
 
 from ghost_deploy import __version__
-from ghost_deploy.errors import UserError, handle_cli_errors
+from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml
+from ghost_deploy.data.augment import downsample2x, letterbox, resize_long_side
+from ghost_deploy.data.images import read_ir, read_rgb
+from ghost_deploy.errors import UserError
 from ghost_deploy.io import read_user_yaml, sha256_file, write_text_atomic
 
 FORMAT = "ghost-deploy/calib-set/v1"
 EMBEDDED = "embedded"  # the data key of a set drawn from the embedded demo set (root found on any machine)
 BACKGROUND = "background"  # stratum of images without objects
 DEFAULT_BRIGHTNESS_BINS = 3
-# Running the same image in batches of different sizes can change a float max in its last bits; a set
-# that is a subset of the split then reads coverage 1.0000001. Ratios this close to 1 are reported as 1.
-COVERAGE_ROUNDING = 1e-5
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -69,7 +68,6 @@ class CalibSet:
 
     def spec(self):
         """The DatasetSpec of the dataset the set was drawn from."""
-        from ghost_deploy.data import load_dataset_yaml
 
         return load_dataset_yaml(_resolve_data(self.data))
 
@@ -82,7 +80,6 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
     `data_yaml` is a dataset YAML or "embedded". Returns the manifest path `<out_dir>/<name>.yaml`.
     An existing manifest with other content is kept unless `force` (artifacts may name it by hash).
     """
-    from ghost_deploy.data import Dataset, load_dataset_yaml
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError("--n", f"must be a positive integer, got {n!r}")
@@ -90,6 +87,8 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
         raise UserError("--brightness-bins", f"must be a positive integer, got {brightness_bins!r}")
     data_key = EMBEDDED if str(data_yaml) == EMBEDDED else str(Path(data_yaml).absolute())
     spec = load_dataset_yaml(_resolve_data(data_key))
+    from ghost_deploy.data.dataset import Dataset  # PyTorch's Dataset: deferred so reading a manifest stays torch-free
+
     dataset = Dataset(spec, split, 64, augment=False)  # img_size is unused: only the index is read
     samples = sorted(dataset.samples, key=lambda sample: (sample.key, str(sample.label_path)))
     name = name or f"{_dataset_name(data_key, spec)}-{split}-{n}"
@@ -326,7 +325,6 @@ def _dump(manifest: dict) -> str:
 
 def _resolve_data(data_key: str) -> Path:
     if data_key == EMBEDDED:
-        from ghost_deploy.data import ensure_synthetic_dataset
 
         return Path(ensure_synthetic_dataset(seed=0))
     return Path(data_key)
@@ -397,9 +395,6 @@ def _parse_pair(entry, number: int, modalities, root: Path, manifest: Path, veri
 # ------------------------------------------------------------------------------------------- tensors
 def load_pair_arrays(pair: CalibPair, input_names, img_size: int) -> dict[str, np.ndarray]:
     """{name: (C, H, W) float32 in [0, 1]}: the pair letterboxed exactly as validation reads it."""
-    from ghost_deploy.data.augment import downsample2x, letterbox, resize_long_side
-    from ghost_deploy.data.images import read_ir, read_rgb
-
     readers = {"rgb": read_rgb, "ir": read_ir}
     arrays = {name: readers[name](pair.images[name]) for name in input_names}
     shapes = {array.shape[:2] for array in arrays.values()}
@@ -454,173 +449,3 @@ def calib_batches(calib_set: CalibSet, img_size: int, batch_size: int = 8, input
     return CalibBatches(calib_set, img_size, batch_size, input_names)
 
 
-def parity_inputs_from_manifest(manifest, input_names, img_size: int, limit: int | None = None):
-    """The parity inputs of the export gate from a manifest (parity.ParityInputs), hashes verified."""
-    from ghost_deploy.parity.gate import ParityInputs
-
-    calib_set = manifest if isinstance(manifest, CalibSet) else load_calib_set(manifest)
-    input_names = list(input_names)
-    CalibBatches(calib_set, img_size, 1, input_names)  # checks the modalities
-    pairs = calib_set.pairs[:limit] if limit else calib_set.pairs
-    rows = [load_pair_arrays(pair, input_names, img_size) for pair in pairs]
-    return ParityInputs(
-        inputs={name: np.stack([row[name] for row in rows]) for name in input_names},
-        paths=[[str(pair.images[name]) for name in input_names] for pair in pairs],
-        sha256=[[pair.sha256[name] for name in input_names] for pair in pairs],
-        source=f"calibration set {calib_set.name} ({calib_set.path}, sha256 {calib_set.sha256[:12]})")
-
-
-# ------------------------------------------------------------------------------------------- coverage
-def range_coverage(model, calib_set, full_split_loader, img_size: int | None = None, batch_size: int = 8) -> dict:
-    """{tensor: max|x| on the set / max|x| on the whole split}, per activation quantizer of a quantized
-    model, else per conv input tensor of a float model (named as the bit plan names them).
-
-    `calib_set` is a CalibSet or any iterable of input batches; `full_split_loader` yields batch dicts (a
-    `make_loader` loader over the split, augment=False) or input tuples. Quantizers pass values through
-    unchanged while measuring, so both sides see the float ranges the scales are chosen from.
-    """
-    if isinstance(calib_set, CalibSet):
-        if img_size is None:
-            raise ValueError("img_size is needed to letterbox the calibration set")
-        calib_set = calib_batches(calib_set, img_size, batch_size, model.input_names)
-    return coverage_ratios(tensor_absmax(model, calib_set), tensor_absmax(model, full_split_loader))
-
-
-def coverage_ratios(on_set: dict[str, float], on_split: dict[str, float]) -> dict[str, float]:
-    """Per tensor of the split: set max / split max (1.0 where the split never leaves zero)."""
-    coverage = {}
-    for tensor, split_max in on_split.items():
-        ratio = on_set.get(tensor, 0.0) / split_max if split_max > 0 else 1.0
-        coverage[tensor] = 1.0 if 1.0 < ratio <= 1.0 + COVERAGE_ROUNDING else ratio
-    return coverage
-
-
-def tensor_absmax(model, batches) -> dict[str, float]:
-    """max|x| per activation tensor over `batches` (eval mode, quantizers passing values through)."""
-    import torch
-
-    from ghost_deploy.quant import act_quantizers
-    from ghost_deploy.quant.trace import example_inputs, trace_model
-
-    quantizers = act_quantizers(model)
-    maxima: dict[str, float] = {}
-    handles = []
-
-    def recorder(tensor_name):
-        def hook(module, args):
-            value = float(args[0].detach().abs().max()) if args[0].numel() else 0.0
-            maxima[tensor_name] = max(maxima.get(tensor_name, 0.0), value)
-        return hook
-
-    if quantizers:
-        for tensor_name, quantizer in quantizers.items():
-            handles.append(quantizer.register_forward_pre_hook(recorder(tensor_name)))
-    else:
-        for site in trace_model(model, example_inputs(model, 64)).sites:
-            handles.append(site.module.register_forward_pre_hook(recorder(site.input_tensor)))
-    observing = {name: q.observing for name, q in quantizers.items()}
-    was_training = model.training
-    model.eval()
-    for quantizer in quantizers.values():
-        quantizer.observing = True  # pass-through
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*as_model_inputs(batch, model))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, quantizer in quantizers.items():
-            quantizer._reset_observation()  # drop the samples it kept while passing values through
-            quantizer.observing = observing[name]
-        model.train(was_training)
-    return maxima
-
-
-def as_model_inputs(batch, model):
-    device = next(model.parameters()).device
-    if isinstance(batch, dict):
-        batch = tuple(batch[name] for name in model.input_names)
-    elif not isinstance(batch, (tuple, list)):
-        batch = (batch,)
-    return tuple(t.to(device) for t in batch)
-
-
-def format_coverage(coverage: dict, on_set: dict | None = None, on_split: dict | None = None, low: float = 0.9) -> str:
-    width = max([len(name) for name in coverage] + [6])
-    lines = [f"{'tensor':<{width}}  coverage" + ("    set max  split max" if on_set is not None else "")]
-    for name, value in coverage.items():
-        flag = "  <- low" if value < low else ""
-        extra = f"  {on_set.get(name, 0.0):>9.3g}  {on_split[name]:>9.3g}" if on_set is not None else ""
-        lines.append(f"{name:<{width}}  {value:8.3f}{extra}{flag}")
-    values = list(coverage.values())
-    if values:
-        lines.append(f"{len(values)} tensors: min coverage {min(values):.3f}, median {float(np.median(values)):.3f}, "
-                     f"{sum(v < low for v in values)} below {low:g}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------- CLI
-@click.group("calib")
-def calib_group() -> None:
-    """Calibration and parity sets: RGB+IR pairs chosen from a split, hashed in a manifest."""
-
-
-@calib_group.command("make")
-@click.option("--data", default=EMBEDDED, show_default=True, help="Dataset YAML, or 'embedded' for the demo set.")
-@click.option("--n", "count", type=int, default=256, show_default=True, help="Pairs to choose.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
-@click.option("--name", default=None,
-              help="Set name (default <dataset>-<split>-<n>); the file is <out-dir>/<name>.yaml.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out-dir", type=click.Path(file_okay=False), default="calib", show_default=True)
-@click.option("--brightness-bins", type=int, default=DEFAULT_BRIGHTNESS_BINS, show_default=True,
-              help="Brightness bins per modality (at the split's quantiles).")
-@click.option("--force", is_flag=True, help="Replace an existing manifest of that name with different content.")
-@handle_cli_errors
-def make_command(data, count, split, name, seed, out_dir, brightness_bins, force):
-    """Choose N pairs of a split, stratified by class and brightness of each sensor, and write a manifest."""
-    path = make_calib_set(data, count, split=split, name=name, seed=seed, out_dir=out_dir,
-                          brightness_bins=brightness_bins, force=force)
-    calib_set = load_calib_set(path)
-    click.echo(f"{path}: {len(calib_set)} pairs of {calib_set.selection.get('split_size')} in {split} "
-               f"(sha256 {calib_set.sha256[:12]})")
-    for class_name, row in calib_set.classes.items():
-        click.echo(f"  {class_name:<16} {row['images']:>5} images {row['instances']:>6} objects "
-                   f"(split: {row['split_images']} images)")
-
-
-@calib_group.command("coverage")
-@click.option("--weights", required=True, type=click.Path(), metavar="CKPT", help="Checkpoint (FP32 or quantized).")
-@click.option("--calib", "manifest", required=True, type=click.Path(), metavar="MANIFEST", help="calib/<name>.yaml")
-@click.option("--split", default=None, help="Split to compare with (default: the one the set was drawn from).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--low", type=float, default=0.9, show_default=True, help="Flag tensors covered below this.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers here.")
-@handle_cli_errors
-def coverage_command(weights, manifest, split, batch_size, low, json_out):
-    """Per activation tensor: max|x| on the set over max|x| on the whole split (1.0 = the set reaches it)."""
-    from ghost_deploy.data import Dataset
-    from ghost_deploy.io import write_json_atomic
-    from ghost_deploy.checkpoint import model_from_checkpoint
-    from ghost_deploy.train.loop import make_loader
-
-    model, meta = model_from_checkpoint(weights, with_sr=False)
-    calib_set = load_calib_set(manifest)
-    img_size = int(meta.img_size)
-    split_name = split or calib_set.split
-    dataset = Dataset(calib_set.spec(), split_name, img_size, augment=False)
-    on_set = tensor_absmax(model, calib_batches(calib_set, img_size, batch_size, model.input_names))
-    on_split = tensor_absmax(model, make_loader(dataset, batch_size, False, 0))
-    coverage = coverage_ratios(on_set, on_split)
-    click.echo(f"{calib_set.name}: {len(calib_set)} pairs vs {len(dataset)} images of {split_name}")
-    click.echo(format_coverage(coverage, on_set, on_split, low))
-    if json_out:
-        write_json_atomic(json_out, {"calib_set": calib_set.record(), "checkpoint": str(weights), "split": split_name,
-                                     "split_images": len(dataset), "coverage": coverage, "set_max": on_set,
-                                     "split_max": on_split})
-
-
-__all__ = ["CalibPair", "CalibSet", "CalibBatches", "make_calib_set", "load_calib_set", "calib_batches",
-           "load_pair_arrays", "parity_inputs_from_manifest", "range_coverage", "coverage_ratios", "tensor_absmax",
-           "as_model_inputs", "format_coverage", "calib_group"]

@@ -12,23 +12,28 @@ are returned as `hr_rgb` / `hr_ir` (the super-resolution targets).
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
-from ghost_deploy.errors import UserError
-from ghost_deploy.data.augment import DEFAULT_HYP, boxes_from_labels, compose, downsample2x, labels_from_boxes, resize_long_side
+from ghost_deploy.data.augment import (
+    DEFAULT_HYP,
+    boxes_from_labels,
+    compose,
+    downsample2x,
+    labels_from_boxes,
+    resize_long_side,
+)
 from ghost_deploy.data.images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, probe_image, read_ir, read_rgb
 from ghost_deploy.data.labels import label_path_for, parse_label_file
 from ghost_deploy.data.spec import DatasetSpec, load_dataset_yaml
+from ghost_deploy.errors import UserError
 
 __all__ = [
-    "DataWarning", "Dataset", "DatasetSpec", "Sample", "collate", "load_dataset_yaml", "make_loader",
+    "DataWarning", "Dataset", "DatasetSpec", "Sample", "collate", "load_dataset_yaml",
     "parse_label_file",
 ]
 
@@ -228,73 +233,6 @@ def collate(samples: list[dict]) -> dict:
     batch["paths"] = [sample["path"] for sample in samples]
     batch["shapes"] = [sample["shape"] for sample in samples]
     return batch
-
-
-class SeededSampler(Sampler):
-    """Wraps an index sampler and pairs each index with a seed derived from (seed, epoch, index).
-
-    The augmentation of a sample then depends only on the loader seed, the epoch and the index: not on
-    the number of workers nor on which worker draws it. The epoch is the wrapped sampler's `epoch` when
-    it has one (DistributedSampler, samplers with set_epoch), else the number of passes so far.
-    """
-
-    def __init__(self, base: Sampler, seed: int):
-        self.base = base
-        self.seed = seed
-        self.passes = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.passes = int(epoch)
-        if hasattr(self.base, "set_epoch"):
-            self.base.set_epoch(epoch)
-
-    def __iter__(self):
-        epoch = int(getattr(self.base, "epoch", self.passes))
-        self.passes += 1
-        for index in self.base:
-            yield int(index), (self.seed, epoch, int(index))
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool = False,
-    workers: int = 0,
-    seed: int = 0,
-    drop_last: bool = False,
-    sampler: Sampler | None = None,
-) -> DataLoader:
-    """A DataLoader that yields `collate` batches, deterministic given `seed` (order and augmentation).
-
-    Pass `shuffle=True` for training (the reference code never shuffled, bug B5) and `drop_last=True`
-    when a batch of one would break BatchNorm (bug B4). A custom `sampler` replaces shuffling.
-    """
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    if sampler is None:
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=SeededSampler(sampler, seed),
-        num_workers=workers,
-        collate_fn=collate,
-        drop_last=drop_last,
-        generator=generator,
-        worker_init_fn=seed_worker,
-        persistent_workers=False,
-    )
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in each worker from torch's per-worker, per-epoch seed (for any code
-    that uses the global generators; this package's augmentation uses the per-sample seed)."""
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
 
 
 def _merge_hyp(hyp: dict | None) -> dict:

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import read_user_yaml
 

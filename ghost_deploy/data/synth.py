@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ghost_deploy.errors import UserError
 from ghost_deploy.data.augment import downsample2x
 from ghost_deploy.data.labels import format_label_rows
+from ghost_deploy.errors import UserError
 
 SYNTH_VERSION = 2  # v2: a running car is warm all over, not only over its engine block
 CLASS_NAMES = ("car", "car_running", "truck", "van", "boat")

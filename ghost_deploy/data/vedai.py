@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ghost_deploy.data.labels import format_label_rows
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import read_user_text, write_text_atomic
-from ghost_deploy.data.labels import format_label_rows
 
 GHOST_NAMES = ("car", "pickup", "camping", "truck", "other", "tractor", "boat", "van")
 # VEDAI raw class -> GHOST class index.

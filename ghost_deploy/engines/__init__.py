@@ -7,18 +7,29 @@ bundle, says plainly that no engine was built and why, and returns status 'bundl
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
-from ghost_deploy.parity.compare import Budgets
-from ghost_deploy.engines.bundle import BUNDLE_TARGET, run_bundle_parity, run_parity, write_bundle
-from ghost_deploy.engines.receipt import (file_hashes, make_receipt, observe_environment, read_bit_plan,
-                                          read_onnx_metadata, verify_runtime, write_receipt)
-from ghost_deploy.parity.runners import OrtRunner
+from ghost_deploy.contract import metadata_key
+from ghost_deploy.engines.bundle import BUNDLE_TARGET, run_bundle_parity, write_bundle
+from ghost_deploy.engines.receipt import (
+    file_hashes,
+    make_receipt,
+    observe_environment,
+    read_bit_plan,
+    verify_runtime,
+    write_receipt,
+)
 from ghost_deploy.engines.targets import list_targets, load_target, resolve_target
+from ghost_deploy.engines.trt import EngineRunner, build_engine
 from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.io import sha256_file
+from ghost_deploy.onnx_graph import read_metadata_props
+from ghost_deploy.parity.compare import Budgets
+from ghost_deploy.parity.gate import run_parity
 from ghost_deploy.parity.parityset import load_parity_set
+from ghost_deploy.parity.runners import OrtRunner
 
 __all__ = ["build", "default_parity_set_path", "why_no_engine", "run_parity", "run_bundle_parity", "OrtRunner",
            "load_target", "list_targets", "resolve_target", "verify_runtime"]
@@ -51,12 +62,11 @@ def why_no_engine(profile, environment: dict) -> str | None:
     return None
 
 
-EXPORT_FORMAT_KEY = "ghost.format"  # every ONNX `export` writes carries it (export/metadata.py)
+EXPORT_FORMAT_KEY = metadata_key("format")  # every ONNX `export` writes carries it (contract.OnnxMetadata)
 
 
 def _onnx_installed() -> bool:
     # Without the onnx package the metadata cannot be read at all; then only the parity-set pairing is checked.
-    import importlib.util
 
     return importlib.util.find_spec("onnx") is not None
 
@@ -80,7 +90,6 @@ def _dla_cores(dla_core) -> list[int]:
 
 def _build_and_verify(onnx_path, out_dir, name, profile, parity_set, hashes, bit_plan, environment, *,
                       dla_core, timing_cache, opt_level, batch, strongly_typed, trt_world, budgets, progress) -> dict:
-    from ghost_deploy.engines.trt import EngineRunner, build_engine
 
     suffix = "" if dla_core is None else f"-dla{dla_core}"
     engine_path = out_dir / f"{name}{suffix}.engine"
@@ -119,7 +128,7 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
         raise UserError(onnx_path, "ONNX file not found")
-    metadata = read_onnx_metadata(onnx_path)
+    metadata = read_metadata_props(onnx_path)
     if require_export and not metadata.get(EXPORT_FORMAT_KEY) and _onnx_installed():
         raise UserError(onnx_path, "not a ghost-deploy export (no ghost.format metadata): build engines from "
                                    "the ONNX `ghost-deploy export` wrote")
@@ -137,8 +146,9 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     _check_pairing(onnx_path, loaded, parity_path)
     bit_plan = read_bit_plan(onnx_path, metadata)
     hashes = file_hashes(checkpoint=checkpoint, onnx=onnx_path, parity_set=parity_path)
-    if hashes["checkpoint"] is None and metadata.get("ghost.checkpoint_sha256"):
-        hashes["checkpoint"] = metadata["ghost.checkpoint_sha256"]
+    stamped = metadata.get(metadata_key("checkpoint_sha256"))
+    if hashes["checkpoint"] is None and stamped:
+        hashes["checkpoint"] = stamped
     hashes["engine"] = None
     name = name or f"{onnx_path.stem}-{profile.name}"
     env = observe_environment() if environment is None else environment

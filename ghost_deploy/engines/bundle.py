@@ -15,12 +15,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from ghost_deploy.parity.compare import Budgets, ParityReport, compare_outputs
+from ghost_deploy import __version__
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
-from ghost_deploy.parity.parityset import ParitySet, load_parity_set
+from ghost_deploy.parity.compare import Budgets, ParityReport
+from ghost_deploy.parity.gate import run_parity
+from ghost_deploy.parity.parityset import load_parity_set
 
 BUNDLE_ONNX = "model.onnx"
 BUNDLE_PARITY = "parity.npz"
@@ -133,8 +133,6 @@ def write_bundle(onnx_path, parity_set_path, profile, out_dir, *, reason: str, t
                  dla_core: int | None = None, timing_cache=None, partial_receipt: dict,
                  name: str | None = None, package_spec: str | None = None) -> dict:
     """Write `<name>.bundle/` (temp folder + rename) and `<name>.bundle.tar.gz`; returns their paths."""
-    from ghost_deploy import __version__
-
     onnx_path, parity_set_path, out_dir = Path(onnx_path), Path(parity_set_path), Path(out_dir)
     name = name or f"{onnx_path.stem}-{profile.name}"
     final = out_dir / f"{name}.bundle"

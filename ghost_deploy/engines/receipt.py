@@ -14,11 +14,14 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ghost_deploy.bitplan import BitPlan
+from ghost_deploy.contract import RECEIPT_SCHEMA, OnnxMetadata
+from ghost_deploy.engines.targets import detect_jetson, read_device_tree_model
+from ghost_deploy.engines.trt import trt_version
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import sha256_file, write_json_atomic
+from ghost_deploy.onnx_graph import read_metadata_props
 
-RECEIPT_SCHEMA = "ghost-deploy/engine-receipt/1"
-BIT_PLAN_METADATA_KEY = "ghost.bit_plan"
 NV_TEGRA_RELEASE = "/etc/nv_tegra_release"
 
 
@@ -69,9 +72,6 @@ def _nvidia_smi() -> dict | None:
 
 def observe_environment() -> dict:
     """What this machine runs: TensorRT, CUDA, driver, GPU name and SM, L4T, Jetson board."""
-    from ghost_deploy.engines.targets import detect_jetson, read_device_tree_model
-    from ghost_deploy.engines.trt import trt_version
-
     env = {"tensorrt_version": trt_version(), "cuda_runtime": None, "cuda_driver_api": None, "driver_version": None,
            "gpu_name": None, "compute_capability": None, "l4t": read_l4t_release(),
            "device_tree_model": read_device_tree_model(), "jetson_target": None}
@@ -87,41 +87,12 @@ def observe_environment() -> dict:
     return env
 
 
-def read_onnx_metadata(onnx_path) -> dict[str, str]:
-    """The ONNX metadata_props as a dict; {} when the optional onnx package is absent."""
-    try:
-        import onnx
-    except ImportError:
-        return {}
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError / OSError variants
-        raise UserError(onnx_path, f"cannot read ONNX ({exc})") from None
-    return {prop.key: prop.value for prop in model.metadata_props}
-
-
-def read_bit_plan(onnx_path, metadata: dict | None = None) -> dict | None:
-    """The bit plan the export stage stored in the ONNX metadata (`ghost.bit_plan`); None if absent."""
-    metadata = read_onnx_metadata(onnx_path) if metadata is None else metadata
-    if BIT_PLAN_METADATA_KEY not in metadata:
+def read_bit_plan(onnx_path, metadata: dict[str, str] | None = None) -> BitPlan | None:
+    """The bit plan the export stage stored in the ONNX metadata; None for an FP32 export or a foreign ONNX."""
+    metadata = read_metadata_props(onnx_path) if metadata is None else metadata
+    if not OnnxMetadata.is_ours(metadata):
         return None
-    try:
-        return json.loads(metadata[BIT_PLAN_METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise UserError(onnx_path, f"metadata '{BIT_PLAN_METADATA_KEY}' is not valid JSON ({exc})") from None
-
-
-def plan_layers(bit_plan: dict | None) -> dict[str, dict]:
-    """{layer name: its plan entry} from the bit-plan JSON ('layers' as a mapping or a list of {'name': ...})."""
-    if not bit_plan:
-        return {}
-    layers = bit_plan.get("layers", bit_plan) if isinstance(bit_plan, dict) else bit_plan
-    if isinstance(layers, dict):
-        return {str(k): (v if isinstance(v, dict) else {"weight_bits": v}) for k, v in layers.items()
-                if isinstance(v, (dict, int))}
-    if isinstance(layers, list):
-        return {str(item["name"]): item for item in layers if isinstance(item, dict) and "name" in item}
-    return {}
+    return OnnxMetadata.from_strings(metadata, source=onnx_path).bit_plan
 
 
 def map_engine_layers_to_plan(engine_layers: list[str], plan_layer_names) -> dict[str, list[str]]:
@@ -138,9 +109,9 @@ def map_engine_layers_to_plan(engine_layers: list[str], plan_layer_names) -> dic
     return mapping
 
 
-def plan_precision_report(layers: list[dict], bit_plan: dict | None) -> dict:
+def plan_precision_report(layers: list[dict], bit_plan: BitPlan | None) -> dict:
     """Per plan layer: engine layers and the precision they ran in; warns where a quantized layer is not INT8."""
-    entries = plan_layers(bit_plan)
+    entries = {} if bit_plan is None else {name: layer.weight_bits for name, layer in bit_plan.layers.items()}
     # reformat/copy layers only move a tensor between formats; their names mention the consumer layer
     compute = [layer for layer in layers if "reformat" not in f"{layer.get('type')} {layer['name']}".lower()]
     searchable = [f"{layer['name']} {layer.get('metadata') or ''}" for layer in compute]
@@ -149,9 +120,9 @@ def plan_precision_report(layers: list[dict], bit_plan: dict | None) -> dict:
     report, warnings = {}, []
     for plan_name, texts in mapping.items():
         precisions = sorted({by_text[t].get("precision") or "unknown" for t in texts})
+        bits = entries[plan_name]
         report[plan_name] = {"engine_layers": [by_text[t]["name"] for t in texts], "precisions": precisions,
-                             "weight_bits": entries[plan_name].get("weight_bits")}
-        bits = entries[plan_name].get("weight_bits")
+                             "weight_bits": bits}
         if not texts:
             warnings.append(f"plan layer {plan_name} not found in any engine layer name")
         elif isinstance(bits, int) and bits <= 8 and "INT8" not in precisions:
@@ -163,7 +134,7 @@ def file_hashes(**paths) -> dict[str, str | None]:
     return {key: (sha256_file(p) if p and Path(p).is_file() else None) for key, p in paths.items()}
 
 
-def make_receipt(*, target: dict, hashes: dict, bit_plan: dict | None, environment: dict | None = None,
+def make_receipt(*, target: dict, hashes: dict, bit_plan: BitPlan | None, environment: dict | None = None,
                  build: dict | None = None, parity: dict | None = None, extra: dict | None = None) -> dict:
     """Assemble a receipt; `build` None means a partial receipt (no engine yet)."""
     receipt = {
@@ -174,7 +145,7 @@ def make_receipt(*, target: dict, hashes: dict, bit_plan: dict | None, environme
         "target": target,
         "hashes": hashes,
         "environment": environment,
-        "bit_plan": bit_plan,
+        "bit_plan": None if bit_plan is None else bit_plan.to_dict(),
         "parity": parity,
     }
     if build is not None:

@@ -112,6 +112,33 @@ def _profile_shapes(network, batch, imgsz: int) -> dict[str, dict]:
     return shapes
 
 
+def _parse_network(trt, builder, logger, onnx_path, world: int, strongly_typed: bool, flags_used: list):
+    network_flags = 0
+    if world >= 11:
+        flags_used.append("strongly-typed (always on in 11.x)")
+    elif strongly_typed:
+        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        flags_used.append("STRONGLY_TYPED")
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise UserError(onnx_path, "TensorRT's ONNX parser rejected the model: " + " | ".join(errors[:3]))
+    return network, parser  # the parser owns weights the network refers to: keep it alive with the network
+
+
+def _inspect_layers(trt, engine, shapes: dict) -> list[dict]:
+    """Per-layer information as built. With dynamic shapes the inspector reports no formats unless it is given an
+    execution context whose input shapes are set (NvInferRuntime.h, IEngineInspector::setExecutionContext)."""
+    context = engine.create_execution_context()
+    for name, shape in shapes.items():
+        if shape["dynamic"]:
+            context.set_input_shape(name, shape["opt"])
+    inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
+    return parse_layer_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
 def build_engine(onnx_path, engine_path, target_profile, *, trt_world: int | None = None,
                  dla_core: int | None = None, timing_cache=None, opt_level: int = 3, batch=None,
                  strongly_typed: bool = False, progress: bool = True) -> BuildResult:
@@ -129,17 +156,7 @@ def build_engine(onnx_path, engine_path, target_profile, *, trt_world: int | Non
     except TypeError:  # "factory function returned nullptr": no usable CUDA device
         raise TensorRTUnavailable("TensorRT found no usable CUDA GPU") from None
     flags_used: list[str] = []
-    network_flags = 0
-    if world >= 11:
-        flags_used.append("strongly-typed (always on in 11.x)")
-    elif strongly_typed:
-        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        flags_used.append("STRONGLY_TYPED")
-    network = builder.create_network(network_flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise UserError(onnx_path, "TensorRT's ONNX parser rejected the model: " + " | ".join(errors[:3]))
+    network, parser = _parse_network(trt, builder, logger, onnx_path, world, strongly_typed, flags_used)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(target_profile.workspace_mb) << 20)
@@ -149,6 +166,10 @@ def build_engine(onnx_path, engine_path, target_profile, *, trt_world: int | Non
         config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ decide INT8 layers; no calibrator is used
         config.set_flag(trt.BuilderFlag.FP16)
         flags_used += ["INT8", "FP16"]
+    # TF32 is on by default (NvInfer.h BuilderFlag::kTF32): float layers would round their inputs to 10 mantissa
+    # bits, an error the parity budget does not allow for, so parity builds run float layers in FP32.
+    config.clear_flag(trt.BuilderFlag.TF32)
+    flags_used.append("TF32 off")
 
     shapes = _profile_shapes(network, batch if batch is not None else target_profile.default_batch,
                              target_profile.default_imgsz)
@@ -187,9 +208,7 @@ def build_engine(onnx_path, engine_path, target_profile, *, trt_world: int | Non
     if cache_path is not None:
         write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
-    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
-    inspector = engine.create_engine_inspector()
-    layers = parse_layer_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = _inspect_layers(trt, trt.Runtime(logger).deserialize_cuda_engine(serialized), shapes)
     return BuildResult(engine_path=str(engine_path), engine_sha256=sha256_file(engine_path),
                        tensorrt_version=trt.__version__, trt_world=world, flags=flags_used, dla_core=dla_core,
                        layers=layers, placement=placement,

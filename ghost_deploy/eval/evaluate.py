@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from ghost_deploy.eval.boxes import box_iou_np, xywh2xyxy
-from ghost_deploy.eval.postprocess import MAX_NMS, decode_heads_np, greedy_nms_np, non_max_suppression_np  # noqa: F401 (twins)
+from ghost_deploy.eval.postprocess import (  # noqa: F401 (twins)
+    MAX_NMS,
+    decode_heads_np,
+    greedy_nms_np,
+    non_max_suppression_np,
+)
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)

@@ -33,8 +33,12 @@ from ghost_deploy.io import sha256_file, write_json_atomic
 from ghost_deploy.model.detector import INPUT_CHANNELS
 from ghost_deploy.onnx_graph import name_tensors_after_nodes
 from ghost_deploy.parity.gate import run_gate, run_in_chunks
-from ghost_deploy.parity.inputs import budgets_from_recipe, parity_image_count, resolve_parity_inputs
-from ghost_deploy.parity.inputs import parity_arithmetic as recipe_arithmetic
+from ghost_deploy.parity.inputs import (
+    budgets_from_recipe,
+    parity_arithmetic as recipe_arithmetic,
+    parity_image_count,
+    resolve_parity_inputs,
+)
 from ghost_deploy.parity.parityset import ParitySet, save_parity_set
 from ghost_deploy.quant import fold_bn
 from ghost_deploy.quant.trace import conv_names

@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ghost_deploy.onnx_graph import DEQUANTIZE, QDQ_OPS, GraphIndex, node_attribute
 from ghost_deploy.export.torch_graph import ConvSpec
+from ghost_deploy.onnx_graph import DEQUANTIZE, QDQ_OPS, GraphIndex, node_attribute
 
 
 def bits_preserved(model: onnx.ModelProto, convs: dict[str, ConvSpec]) -> list[dict]:

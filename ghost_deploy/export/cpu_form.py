@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ghost_deploy.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, readable_tensor_name, unique_name
 from ghost_deploy.export.onnx_qdq import nonnegative_tensors
+from ghost_deploy.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, readable_tensor_name, unique_name
 
 # Ops a per-tensor symmetric quantizer commutes with exactly (they select or take maxima, and rounding and
 # clamping are monotone): Q(op(x)) == op(Q(x)) for one shared scale. Nearest Resize is checked separately.
@@ -135,6 +135,45 @@ def _is_quantized_conv(index: GraphIndex, node: onnx.NodeProto) -> bool:
             and index.is_constant(weight.input[0]))
 
 
+def _quantize_concat_inputs(graph, index, by_source, nonneg, taken, new_inits, rewire, insertions, quantized_at,
+                            summary) -> None:
+    # Concats whose result is quantized by one quantizer: quantize every input too (the same commuting
+    # argument), so ORT runs QLinearConcat instead of leaving the integer domain around a float Concat.
+    for concat in [n for n in graph.node if n.op_type == "Concat"]:
+        keys = {p.key() for p in (_terminals(index, concat.output[0], by_source) or [])}
+        if len(keys) != 1:
+            continue
+        scale, qmax = next(iter(keys))
+        for tensor in dict.fromkeys(concat.input):
+            producer = index.producer.get(tensor)
+            if tensor in quantized_at or (producer is not None and producer.op_type == DEQUANTIZE):
+                continue
+            if {p.key() for p in (_terminals(index, tensor, by_source) or [])} != keys or by_source.get(tensor):
+                continue
+            nodes, inits, out_name = _u8_pair(f"{readable_tensor_name(tensor)}.output", tensor, scale, qmax, tensor in nonneg, taken)
+            new_inits += inits
+            rewire.setdefault(tensor, out_name)
+            insertions.append((tensor, nodes))
+            quantized_at.add(tensor)
+            summary.integer_concat_inputs += 1
+
+
+def _apply_rewires(graph, index, insertions, rewire, removed) -> None:
+    # readers move to the re-encoded tensors; a new pair's own Q keeps reading the raw tensor it quantizes
+    own_output = {nodes[0].output[0]: nodes[-1].output[0] for _, nodes in insertions}
+    for node in [*graph.node, *(n for _, nodes in insertions for n in nodes)]:
+        if node.output[0] in removed:
+            continue
+        for i, name in enumerate(node.input):
+            if name in rewire and rewire[name] != own_output.get(node.output[0]):
+                node.input[i] = rewire[name]
+    for tensor, nodes in insertions:
+        producer = index.producer.get(tensor)
+        position = 0 if producer is None else _position(graph, producer.output[0]) + 1
+        for offset, node in enumerate(nodes):
+            graph.node.insert(position + offset, node)
+
+
 def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     """Rewrite the TensorRT-form QDQ graph in place into the ORT-CPU form; see the module docstring."""
     summary = CpuFormSummary()
@@ -188,25 +227,7 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
         summary.reencoded_pairs += len(direct)
         quantized_at.add(tensor)
 
-    # Concats whose result is quantized by one quantizer: quantize every input too (the same commuting
-    # argument), so ORT runs QLinearConcat instead of leaving the integer domain around a float Concat.
-    for concat in [n for n in graph.node if n.op_type == "Concat"]:
-        keys = {p.key() for p in (_terminals(index, concat.output[0], by_source) or [])}
-        if len(keys) != 1:
-            continue
-        scale, qmax = next(iter(keys))
-        for tensor in dict.fromkeys(concat.input):
-            producer = index.producer.get(tensor)
-            if tensor in quantized_at or (producer is not None and producer.op_type == DEQUANTIZE):
-                continue
-            if {p.key() for p in (_terminals(index, tensor, by_source) or [])} != keys or by_source.get(tensor):
-                continue
-            nodes, inits, out_name = _u8_pair(f"{readable_tensor_name(tensor)}.output", tensor, scale, qmax, tensor in nonneg, taken)
-            new_inits += inits
-            rewire.setdefault(tensor, out_name)
-            insertions.append((tensor, nodes))
-            quantized_at.add(tensor)
-            summary.integer_concat_inputs += 1
+    _quantize_concat_inputs(graph, index, by_source, nonneg, taken, new_inits, rewire, insertions, quantized_at, summary)
 
     for name, pair in pairs.items():
         if name in handled:
@@ -219,19 +240,7 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
         insertions.append((pair.source, nodes))
         summary.reencoded_pairs += 1
 
-    # readers move to the re-encoded tensors; a new pair's own Q keeps reading the raw tensor it quantizes
-    own_output = {nodes[0].output[0]: nodes[-1].output[0] for _, nodes in insertions}
-    for node in [*graph.node, *(n for _, nodes in insertions for n in nodes)]:
-        if node.output[0] in removed:
-            continue
-        for i, name in enumerate(node.input):
-            if name in rewire and rewire[name] != own_output.get(node.output[0]):
-                node.input[i] = rewire[name]
-    for tensor, nodes in insertions:
-        producer = index.producer.get(tensor)
-        position = 0 if producer is None else _position(graph, producer.output[0]) + 1
-        for offset, node in enumerate(nodes):
-            graph.node.insert(position + offset, node)
+    _apply_rewires(graph, index, insertions, rewire, removed)
     _remove_nodes(graph, removed)
     graph.initializer.extend(new_inits)
     _expand_weight_codes(model, set(summary.integer_convs) | set(summary.float_stem_convs))

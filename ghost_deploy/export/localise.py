@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +162,16 @@ def _onnx_layer_tensors(onnx_model, layer_names) -> dict[str, dict[str, str]]:
     return found
 
 
+def _layer_row(name: str, layer: dict, bits: tuple, min_cosine: float, rel_budget: float) -> dict:
+    local = [kind for kind in ("input_quantizer", "conv") if layer[kind].over(min_cosine, rel_budget)]
+    cumulative_over = layer["cumulative"].over(min_cosine, rel_budget)
+    status = ("OVER BUDGET: " + " and ".join("input quantizer" if k == "input_quantizer" else "conv" for k in local)
+              if local else "drifted (upstream)" if cumulative_over else "ok")
+    return {"name": name, "weight_bits": bits[0], "act_bits": bits[1],
+            **{kind: layer[kind].to_dict() for kind in ("input_quantizer", "conv", "cumulative")},
+            "over_budget": bool(local), "cumulative_over_budget": bool(cumulative_over), "status": status}
+
+
 def localise(reference_model, onnx_model, inputs: dict[str, np.ndarray], layer_bits: dict[str, tuple],
              budgets: Budgets, exact: bool = True) -> LayerReport:
     """Per-layer comparison, image by image (memory stays one image's activations).
@@ -228,16 +237,8 @@ def localise(reference_model, onnx_model, inputs: dict[str, np.ndarray], layer_b
             for handle in handles:
                 handle.remove()
     rel_budget = math.sqrt(2.0 * max(0.0, 1.0 - budgets.min_cosine))
-    rows = []
-    for name in order + [n for n in layer_tensors if n not in order]:
-        layer = stats[name]
-        local = [kind for kind in ("input_quantizer", "conv") if layer[kind].over(budgets.min_cosine, rel_budget)]
-        cumulative_over = layer["cumulative"].over(budgets.min_cosine, rel_budget)
-        status = ("OVER BUDGET: " + " and ".join("input quantizer" if k == "input_quantizer" else "conv" for k in local)
-                  if local else "drifted (upstream)" if cumulative_over else "ok")
-        rows.append({"name": name, "weight_bits": layer_bits[name][0], "act_bits": layer_bits[name][1],
-                     **{kind: layer[kind].to_dict() for kind in ("input_quantizer", "conv", "cumulative")},
-                     "over_budget": bool(local), "cumulative_over_budget": bool(cumulative_over), "status": status})
+    rows = [_layer_row(name, stats[name], layer_bits[name], budgets.min_cosine, rel_budget)
+            for name in order + [n for n in layer_tensors if n not in order]]
     first = next((row for row in rows if row["over_budget"]), None)
     if first is None:
         first = next((row for row in rows if row["cumulative_over_budget"]), None)

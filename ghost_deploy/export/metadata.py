@@ -6,23 +6,14 @@ matches, so `load_our_onnx` refuses it, while shape annotations added by other t
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import onnx
 
-from ghost_deploy.contract import OnnxMetadata, ghost_entries
+from ghost_deploy.contract import OnnxMetadata
 from ghost_deploy.errors import UserError
-from ghost_deploy.onnx_graph import graph_sha256
-
-
-def content_sha256(model: onnx.ModelProto, metadata: dict[str, str]) -> str:
-    digest = hashlib.sha256(graph_sha256(model).encode())
-    for key, value in sorted(ghost_entries(metadata).items()):
-        if key != OnnxMetadata.HASH_KEY:
-            digest.update(f"{key}={value}\n".encode())
-    return digest.hexdigest()
+from ghost_deploy.onnx_graph import check_binding, content_sha256
 
 
 def set_metadata(model: onnx.ModelProto, values: OnnxMetadata) -> dict[str, str]:
@@ -38,15 +29,6 @@ def set_metadata(model: onnx.ModelProto, values: OnnxMetadata) -> dict[str, str]
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {prop.key: prop.value for prop in model.metadata_props}
-
-
-def check_binding(path, model: onnx.ModelProto, metadata: dict[str, str]) -> None:
-    """UserError unless the graph and the ghost.* entries are what the export wrote."""
-    stored = metadata.get(OnnxMetadata.HASH_KEY)
-    if not stored:
-        raise UserError(path, f"metadata lacks {OnnxMetadata.HASH_KEY}: not a complete ghost-deploy export")
-    if content_sha256(model, metadata) != stored:
-        raise UserError(path, "graph or ghost.* metadata changed after export (hash mismatch); re-export it from the checkpoint")
 
 
 def load_our_onnx(path: str | os.PathLike) -> tuple[onnx.ModelProto, OnnxMetadata]:

@@ -17,8 +17,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ghost_deploy.errors import UserError
-from ghost_deploy.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
 from ghost_deploy.export.torch_graph import MARKER_DOMAIN, MARKER_OP, WRAPPER_PREFIX, ActSpec, ConvSpec
+from ghost_deploy.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attribute, unique_name
 
 INT4_MAX_BITS = 4
 INT4_OPSET = 21

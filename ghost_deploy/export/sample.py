@@ -13,6 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ghost_deploy import __version__
+from ghost_deploy.checkpoint import save_checkpoint
+from ghost_deploy.contract import CheckpointHeader
+from ghost_deploy.model import build_model
+from ghost_deploy.model.detector import INPUT_CHANNELS
+from ghost_deploy.quant import calibrate_activations, plan_from_bits, quant_layers, quantize_model
+from ghost_deploy.quant.trace import conv_names, example_inputs
+from ghost_deploy.recipe import DEFAULTS
+
 
 def random_bits(layer_names, low: int = 3, high: int = 8, seed: int = 0) -> dict[str, int]:
     rng = np.random.default_rng(seed)
@@ -69,9 +78,6 @@ def build_sample_model(model_name: str = "ghost-n", nc: int = 5, input_mode: str
     `exact_grid` snaps the model onto power-of-two grids (see `snap_to_exact_grid`), so any two correct
     backends compute it bit for bit whatever their summation order.
     """
-    from ghost_deploy.model import build_model
-    from ghost_deploy.quant import calibrate_activations, plan_from_bits, quantize_model
-    from ghost_deploy.quant.trace import conv_names, example_inputs
 
     torch.manual_seed(seed)
     model = build_model(model_name, nc=nc, input_mode=input_mode).eval()
@@ -114,7 +120,6 @@ def snap_to_exact_grid(model: nn.Module) -> None:
     s_in * s_w. Products of codes are then exact and so are their sums (well below 2^24 steps), in any order.
     A non-zero parity error on such a model is a bug, not noise.
     """
-    from ghost_deploy.quant import quant_layers
 
     for quantizer in getattr(model, "act_quantizers", {}).values():
         quantizer.scale.copy_(_power_of_two(quantizer.scale))
@@ -142,7 +147,6 @@ def snap_to_exact_grid(model: nn.Module) -> None:
 
 
 def example_inputs_like(model, img_size: int, batch: int, generator) -> tuple[torch.Tensor, ...]:
-    from ghost_deploy.model.detector import INPUT_CHANNELS
 
     return tuple(torch.rand(batch, INPUT_CHANNELS[name], img_size, img_size, generator=generator)
                  for name in model.input_names)
@@ -152,11 +156,6 @@ def save_sample_checkpoint(path: str | os.PathLike, model_name: str = "ghost-n",
                            weight_bits=(3, 8), act_bits: int = 8, seed: int = 0, float_layers=(),
                            parity: dict | None = None, model=None, plan=None) -> Path:
     """Write a self-describing checkpoint of a sample quantized model (or of `model`/`plan` if given)."""
-    from ghost_deploy import __version__
-    from ghost_deploy.checkpoint import save_checkpoint
-    from ghost_deploy.contract import CheckpointHeader
-    from ghost_deploy.recipe import DEFAULTS
-
     if model is None:  # weight_bits=None: an FP32 teacher checkpoint
         model, plan = build_sample_model(model_name, nc, img_size=img_size, weight_bits=weight_bits,
                                          act_bits=act_bits, seed=seed, float_layers=float_layers)

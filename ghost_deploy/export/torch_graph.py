@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from ghost_deploy.errors import UserError
+from ghost_deploy.model import Detector
+from ghost_deploy.quant import QuantConv2d, act_quantizers, fold_bn
+from ghost_deploy.quant.quantizers import MIN_SCALE
 
 MARKER_DOMAIN = "ghost_export"
 MARKER_OP = "ActQuant"
@@ -139,9 +142,6 @@ def make_wrapper(model: nn.Module, meta: dict, img_size: int, decode: bool) -> E
 
 def float_copy(model: nn.Module) -> nn.Module:
     """The student without quantizers (latent float weights), or the model itself if it has none."""
-    from ghost_deploy.model import Detector
-    from ghost_deploy.quant import QuantConv2d
-
     if not any(isinstance(m, QuantConv2d) for m in model.modules()):
         return copy.deepcopy(model).eval()
     plain = Detector(model.config, nc=model.nc, input_mode=model.input_mode, sr=False)
@@ -155,8 +155,6 @@ def conv_specs(model: nn.Module) -> tuple[dict[str, ConvSpec], dict[str, ActSpec
 
     Returns the specs and the folded model, whose quantized weights are already codes * scale.
     """
-    from ghost_deploy.quant import QuantConv2d, act_quantizers, fold_bn
-    from ghost_deploy.quant.quantizers import MIN_SCALE
 
     trained = {name: module for name, module in model.named_modules() if isinstance(module, (QuantConv2d, nn.Conv2d))}
     folded = fold_bn(model)
@@ -189,8 +187,6 @@ def conv_specs(model: nn.Module) -> tuple[dict[str, ConvSpec], dict[str, ActSpec
 
 def _expected_codes(model: nn.Module, trained_conv, name: str) -> np.ndarray:
     """The trained codes after BN folding: the sign of gamma/sigma flips a channel; gamma == 0 zeroes it."""
-    from ghost_deploy.quant.quantizers import MIN_SCALE
-
     codes = trained_conv.weight_codes().numpy().astype(np.int16)
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -206,8 +202,6 @@ def _expected_codes(model: nn.Module, trained_conv, name: str) -> np.ndarray:
 
 def install_markers(folded: nn.Module) -> None:
     """Every activation quantizer of `folded` becomes a marker (in place: run on an export copy only)."""
-    from ghost_deploy.quant import act_quantizers
-
     for key, quantizer in act_quantizers(folded).items():
         quantizer.forward = _marker(key)
 

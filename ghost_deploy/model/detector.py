@@ -8,6 +8,7 @@ from torch import nn
 
 from ghost_deploy.model.blocks import C3, SPP, Concat, Conv, Upsample
 from ghost_deploy.model.configs import ModelConfig, get_config
+from ghost_deploy.model.sr import SRBranch
 
 INPUT_MODES = {"rgb": ("rgb",), "ir": ("ir",), "rgb+ir": ("rgb", "ir")}
 INPUT_CHANNELS = {"rgb": 3, "ir": 1}
@@ -71,7 +72,6 @@ class Detector(nn.Module):
         self.layer_channels = out_chs
         self.sr = None
         if sr:
-            from ghost_deploy.model.sr import SRBranch
 
             self.sr = SRBranch(
                 out_chs[config.sr_low_layer], out_chs[config.sr_high_layer], in_chs,

@@ -31,9 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ghost_deploy.contract import MIN_SCALE
 from ghost_deploy.onnx_graph import DEQUANTIZE, GraphIndex, unique_name
-
 
 EXACT_SUM_LIMIT = float(1 << 23)  # float32 holds every integer below 2^24; half of that, for a margin
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ghost_deploy.parity.compare import Budgets, ParityReport, compare_outputs
 from ghost_deploy.errors import UserError
+from ghost_deploy.parity.compare import Budgets, ParityReport, compare_outputs
 from ghost_deploy.parity.parityset import ParitySet
 from ghost_deploy.parity.runners import OrtRunner
 
@@ -27,8 +27,6 @@ def run_in_chunks(runner, inputs: dict[str, np.ndarray], batch_size: int = 4) ->
 
 def run_gate(parity_set, onnx_path, budgets: Budgets, exact: bool = True) -> ParityReport:
     """ONNX Runtime on the parity set's inputs, compared with its reference outputs (engines' run_parity)."""
-    from ghost_deploy.engines.bundle import run_parity
-
     with OrtRunner(onnx_path, exact=exact) as runner:
         return run_parity(parity_set, runner, budgets)
 

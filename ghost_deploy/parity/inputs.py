@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from ghost_deploy.data.augment import letterbox, resize_long_side
+from ghost_deploy.data.calib import CalibBatches, CalibSet, load_calib_set, load_pair_arrays
 from ghost_deploy.data.images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, read_ir, read_rgb
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import sha256_file
 from ghost_deploy.parity.compare import Budgets
-
 
 DETECTOR_INPUT_CHANNELS = {"rgb": 3, "ir": 1}
 
@@ -55,8 +55,6 @@ def parity_image_count(recipe: dict | None, default: int = 8) -> int:
 
 
 def _letterboxed(arrays: dict[str, np.ndarray], img_size: int) -> dict[str, np.ndarray]:
-    from ghost_deploy.data.augment import letterbox, resize_long_side
-
     empty = np.zeros((0, 6))  # augment.py boxes: [cls, x1, y1, x2, y2, full_area]
     arrays, _ = resize_long_side(arrays, empty, img_size)
     arrays, _ = letterbox(arrays, empty, img_size)
@@ -70,7 +68,6 @@ def _to_chw(array: np.ndarray) -> np.ndarray:
 
 def images_from_folder(folder: str | os.PathLike, input_names, img_size: int, limit: int) -> ParityInputs:
     """The first `limit` samples of a folder (sorted by id), read like the dataset reads them."""
-    from ghost_deploy.data.images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, read_ir, read_rgb
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -113,7 +110,8 @@ def images_from_folder(folder: str | os.PathLike, input_names, img_size: int, li
 
 def images_from_dataset(data_yaml: str | os.PathLike, input_names, img_size: int, limit: int) -> ParityInputs:
     """The first `limit` samples of the dataset's val split, letterboxed exactly as validation sees them."""
-    from ghost_deploy.data import Dataset, load_dataset_yaml
+    from ghost_deploy.data import load_dataset_yaml
+    from ghost_deploy.data.dataset import Dataset
 
     spec = load_dataset_yaml(data_yaml)
     missing = [name for name in input_names if name not in spec.modalities]
@@ -138,8 +136,6 @@ def resolve_parity_inputs(meta: dict, img_size: int, count: int, parity_images=N
     """Folder when given; else the val split of `data`, the checkpoint's dataset, or the embedded demo set."""
     input_names = list(meta.input_names)
     if parity_images is not None and Path(parity_images).suffix in (".yaml", ".yml"):
-        from ghost_deploy.data.calib import parity_inputs_from_manifest  # a calib manifest: named, hashed images
-
         return parity_inputs_from_manifest(parity_images, input_names, img_size, count)
     if parity_images is not None:
         return images_from_folder(parity_images, input_names, img_size, count)
@@ -151,3 +147,17 @@ def resolve_parity_inputs(meta: dict, img_size: int, count: int, parity_images=N
     elif not Path(source).is_file():
         raise UserError(source, "dataset YAML for the parity images not found; pass data=YAML or parity_images=DIR")
     return images_from_dataset(source, input_names, img_size, count)
+
+
+def parity_inputs_from_manifest(manifest, input_names, img_size: int, limit: int | None = None):
+    """The parity inputs of the export gate from a manifest (parity.ParityInputs), hashes verified."""
+    calib_set = manifest if isinstance(manifest, CalibSet) else load_calib_set(manifest)
+    input_names = list(input_names)
+    CalibBatches(calib_set, img_size, 1, input_names)  # checks the modalities
+    pairs = calib_set.pairs[:limit] if limit else calib_set.pairs
+    rows = [load_pair_arrays(pair, input_names, img_size) for pair in pairs]
+    return ParityInputs(
+        inputs={name: np.stack([row[name] for row in rows]) for name in input_names},
+        paths=[[str(pair.images[name]) for name in input_names] for pair in pairs],
+        sha256=[[pair.sha256[name] for name in input_names] for pair in pairs],
+        source=f"calibration set {calib_set.name} ({calib_set.path}, sha256 {calib_set.sha256[:12]})")

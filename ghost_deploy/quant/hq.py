@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ghost_deploy.errors import UserError
 from ghost_deploy.bitplan import BitPlan, average_weight_bits, bops, size_mb
+from ghost_deploy.errors import UserError
 from ghost_deploy.quant.plans import model_sites, plan_from_bits
 from ghost_deploy.quant.quantizers import MIN_SCALE, _mse_scales, qrange
+from ghost_deploy.quant.trace import example_inputs
 
 # Layers with more weights are clustered on this many values: an evenly spaced subsample of the *sorted*
 # weights (every quantile kept), so the result does not depend on weight order and stays fast.
@@ -168,7 +169,6 @@ def budget_plan(model: nn.Module, target: dict, sensitivity: dict | None = None,
     names = [site.name for site in sites]
     sensitivity_source = "given" if sensitivity is not None else "E[x^2]/E[y^2] of each conv"
     if sensitivity is None:
-        from ghost_deploy.quant.trace import example_inputs
 
         batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calib_batches] if calib_batches else [
             example_inputs(model, min(img_size, 128), batch=2)]

@@ -11,7 +11,6 @@ writer, checks and parity gate against the PyTorch model with the same quantizer
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 from pathlib import Path
@@ -19,7 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ghost_deploy.checkpoint import model_from_checkpoint, read_meta, save_checkpoint
+from ghost_deploy.data.calib import calib_batches, load_calib_set
 from ghost_deploy.errors import UserError
+from ghost_deploy.io import sha256_file
+from ghost_deploy.quant import (
+    BitPlan,
+    act_quantizers,
+    calibrate_activations,
+    check_plan_against_model,
+    quantize_model,
+    uniform_plan,
+)
+from ghost_deploy.quant.coverage import as_model_inputs, tensor_absmax
+from ghost_deploy.quant.quantizers import MIN_SCALE
+from ghost_deploy.quant.trace import example_inputs
 
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 WEIGHT_METHODS = ("max", "mse")
@@ -35,12 +48,6 @@ def ptq_checkpoint(fp32_ckpt, out_path, calib_manifest, plan=None, weight_method
     The checkpoint meta records the plan, the calibration set (name, manifest, SHA-256), the calibrator
     and the weight method, and the FP32 checkpoint it came from.
     """
-    from ghost_deploy.data.calib import calib_batches, load_calib_set
-    from ghost_deploy.checkpoint import read_meta, save_checkpoint
-    from ghost_deploy.io import sha256_file
-    from ghost_deploy.quant import quantize_model
-    from ghost_deploy.quant.trace import example_inputs
-    from ghost_deploy.checkpoint import model_from_checkpoint
 
     log = log or (lambda *_: None)
     if weight_method not in WEIGHT_METHODS:
@@ -80,9 +87,6 @@ def ptq_checkpoint(fp32_ckpt, out_path, calib_manifest, plan=None, weight_method
 
 def resolve_plan(plan, model, img_size: int):
     """A BitPlan for `model` from None (uniform W8/A8), a BitPlan, a plan JSON or a quantized checkpoint."""
-    from ghost_deploy.checkpoint import read_meta
-    from ghost_deploy.quant import BitPlan, check_plan_against_model, uniform_plan
-
     if plan is None:
         return uniform_plan(model, weight_bits=8, act_bits=8, image_size=img_size)
     if isinstance(plan, BitPlan):
@@ -115,7 +119,6 @@ def calibrate(model, batches, method: str = "mse") -> dict[str, float]:
 
     max / percentile / mse are ActQuantizer's own calibrators; entropy is computed here from histograms.
     """
-    from ghost_deploy.quant import act_quantizers, calibrate_activations
 
     if method not in CALIBRATORS:
         raise UserError("--calibrator", f"must be one of {', '.join(CALIBRATORS)}, got {method!r}")
@@ -130,8 +133,6 @@ def calibrate(model, batches, method: str = "mse") -> dict[str, float]:
 def collect_histograms(model, batches, bins: int = ENTROPY_BINS) -> dict[str, tuple[np.ndarray, float]]:
     """{tensor: (histogram of |x| over [0, max|x|], max|x|)} per activation quantizer: two passes over
     `batches`, the first for the range, the second for the histogram (quantizers pass values through)."""
-    from ghost_deploy.data.calib import tensor_absmax
-    from ghost_deploy.quant import act_quantizers
 
     quantizers = act_quantizers(model)
     maxima = tensor_absmax(model, batches)
@@ -153,7 +154,6 @@ def collect_histograms(model, batches, bins: int = ENTROPY_BINS) -> dict[str, tu
     for quantizer in quantizers.values():
         quantizer.observing = True  # pass-through
     try:
-        from ghost_deploy.data.calib import as_model_inputs
 
         for batch in batches:
             model(*as_model_inputs(batch, model))
@@ -170,9 +170,6 @@ def collect_histograms(model, batches, bins: int = ENTROPY_BINS) -> dict[str, tu
 @torch.no_grad()
 def calibrate_entropy(model, batches, bins: int = ENTROPY_BINS) -> None:
     """Entropy calibration: each scale is threshold / qmax with the threshold of least KL divergence."""
-    from ghost_deploy.quant import act_quantizers
-    from ghost_deploy.quant.quantizers import MIN_SCALE
-
     quantizers = act_quantizers(model)
     for name, (histogram, top) in collect_histograms(model, batches, bins).items():
         quantizer = quantizers[name]

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ghost_deploy.model.blocks import Concat
+from ghost_deploy.model.detector import INPUT_CHANNELS
+
 # Sub-trees that never run in an exported detector (the SR branch is training-only).
 SKIPPED_PREFIXES = ("sr.",)
 INPUT_TENSOR_NAME = "input"
@@ -45,7 +48,6 @@ class Trace:
 
 # Modules whose output may share its input's quantization scale exactly (they select, copy or take maxima).
 def _commutes_with_quantizer(module: nn.Module) -> bool:
-    from ghost_deploy.model.blocks import Concat
 
     if isinstance(module, nn.Upsample):
         return module.mode == "nearest"
@@ -64,8 +66,6 @@ def conv_names(model: nn.Module) -> list[str]:
 
 def example_inputs(model: nn.Module, image_size: int = 64, batch: int = 1) -> tuple[torch.Tensor, ...]:
     """Deterministic images for a Detector (`input_names` order); values do not matter for the trace."""
-    from ghost_deploy.model.detector import INPUT_CHANNELS
-
     names = getattr(model, "input_names", None)
     if names is None:
         raise TypeError("model has no input_names; pass input shapes or example inputs explicitly")

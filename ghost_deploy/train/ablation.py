@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ghost_deploy.checkpoint import model_from_checkpoint, read_meta
+from ghost_deploy.data import load_dataset_yaml
+from ghost_deploy.data.calib import make_calib_set
+from ghost_deploy.data.dataset import Dataset
+from ghost_deploy.eval.val import evaluate_model
 from ghost_deploy.io import write_json_atomic
+from ghost_deploy.quant import average_weight_bits, bops, size_mb, uniform_plan
+from ghost_deploy.quant.ptq import ptq_checkpoint
+from ghost_deploy.train.loop import make_loader, train_ghost, train_teacher
 
 ROWS = (
     ("uniform W8 QAT", {"plan": ("uniform", 8), "distill": False}),
@@ -21,12 +29,6 @@ ROWS = (
 
 def score_checkpoint(path, recipe: dict, split: str = "test") -> dict:
     """mAP on `split`, average bits, size and BOPs of a checkpoint."""
-    from ghost_deploy.data import Dataset, load_dataset_yaml
-    from ghost_deploy.quant import BitPlan, average_weight_bits, bops, size_mb, uniform_plan
-    from ghost_deploy.checkpoint import model_from_checkpoint
-    from ghost_deploy.train.loop import make_loader
-    from ghost_deploy.eval.val import evaluate_model
-
     model, meta = model_from_checkpoint(path, with_sr=False)
     spec = load_dataset_yaml(meta.data)
     loader = make_loader(Dataset(spec, split, meta.img_size, augment=False), 16, False, 0)
@@ -39,8 +41,6 @@ def score_checkpoint(path, recipe: dict, split: str = "test") -> dict:
 
 def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: int | None = None, split: str = "test",
                  progress: bool = False, log=print) -> list[dict]:
-    from ghost_deploy.quant import uniform_plan
-    from ghost_deploy.train.loop import train_ghost, train_teacher
 
     out = Path(out)
     if teacher is None:
@@ -66,10 +66,6 @@ def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: in
 
 def ptq_rows(recipe: dict, out: Path, teacher: str, ghost_checkpoint: str, split: str, log=print) -> list[dict]:
     """The post-training baselines from the same teacher: INT8 PTQ, and PTQ at the GHOST run's bit plan."""
-    from ghost_deploy.checkpoint import read_meta
-    from ghost_deploy.data.calib import make_calib_set
-    from ghost_deploy.quant.ptq import ptq_checkpoint
-
     manifest = make_calib_set(read_meta(teacher).data, 256, split="train", out_dir=out / "calib", force=True)
     rows = []
     for name, plan in (("PTQ INT8 (MSE calibration)", None), ("PTQ at the GHOST plan", ghost_checkpoint)):

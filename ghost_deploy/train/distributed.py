@@ -10,6 +10,7 @@ At the end every rank hashes its weights and rank 0 checks they agree.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -87,7 +88,6 @@ def launch(train_fn, nproc: int, recipe: dict, out: Path, **kwargs) -> dict:
     The training function is passed in (train.run.run_training) rather than imported, so this module stays
     below the code that launches it.
     """
-    import json
 
     import torch.multiprocessing as mp
 

@@ -25,10 +25,24 @@ from tqdm import tqdm
 from ghost_deploy import __version__
 from ghost_deploy.checkpoint import load_checkpoint, load_model_state, model_from_checkpoint, save_checkpoint
 from ghost_deploy.contract import CheckpointHeader
+from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml
+from ghost_deploy.data.dataset import Dataset, collate
 from ghost_deploy.errors import UserError
-from ghost_deploy.train.loss import DetectionLoss
-from ghost_deploy.model import build_model
 from ghost_deploy.eval.val import batch_inputs, evaluate_model
+from ghost_deploy.model import build_model
+from ghost_deploy.quant import (
+    BitPlan,
+    act_quantizers,
+    budget_plan,
+    calibrate_activations,
+    check_plan_against_model,
+    fold_bn,
+    hq_plan,
+    quantize_model,
+)
+from ghost_deploy.train.distill import OpenRateLog, SelfTeaching, gqsd_loss, ost_distance
+from ghost_deploy.train.distributed import broadcast_object
+from ghost_deploy.train.loss import DetectionLoss
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -91,8 +105,6 @@ class DataBundle:
 
 def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: bool | None = None) -> DataBundle:
     """The dataset named by `data` (a YAML path), else by the recipe; `embedded` builds the demo set."""
-    from ghost_deploy.data import Dataset, ensure_synthetic_dataset, load_dataset_yaml
-
     source = data or recipe.get("data") or "embedded"
     data_yaml = str(ensure_synthetic_dataset(seed=0) if source == "embedded" else source)
     spec = load_dataset_yaml(data_yaml)
@@ -107,7 +119,6 @@ def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: boo
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0, rank: int = 0, world_size: int = 1):
-    from ghost_deploy.data import collate
 
     sampler = EpochSampler(len(dataset), seed, shuffle=shuffle, rank=rank, world_size=world_size)
     return torch.utils.data.DataLoader(
@@ -210,6 +221,31 @@ class StageSpec:
     train_module: nn.Module | None = None  # what one step calls (DDP wraps it); holds `model`
 
 
+def _warm_up(optimizer, cfg: dict, iteration: int, warmup_iters: int, accumulate: int, lr_factor: float) -> int:
+    """YOLOv5's warm-up: learning rates, momentum and gradient accumulation ramp over the first iterations.
+    Returns how many batches this step accumulates."""
+    if not (iteration <= warmup_iters and warmup_iters > 0):
+        return accumulate
+    for index, group in enumerate(optimizer.param_groups):
+        start_lr = cfg["warmup_bias_lr"] if index == 2 else 0.0
+        group["lr"] = float(np.interp(iteration, [0, warmup_iters], [start_lr, group["initial_lr"] * lr_factor]))
+        momentum = float(np.interp(iteration, [0, warmup_iters], [cfg["warmup_momentum"], cfg["momentum"]]))
+        if "betas" in group:
+            group["betas"] = (momentum, group["betas"][1])
+        else:
+            group["momentum"] = momentum
+    return max(1, round(np.interp(iteration, [0, warmup_iters], [1, accumulate])))
+
+
+def _optimizer_step(scaler, optimizer, ema, model) -> None:
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 10.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    ema.update(model)
+
+
 def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device: torch.device,
         resume: bool = False, progress: bool = True, epochs: int | None = None, rank: int = 0, world_size: int = 1,
         log=print) -> dict:
@@ -252,18 +288,7 @@ def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device:
         last_step_iteration = iteration - 1  # accumulation restarts each epoch, so a resumed epoch steps alike
         started = time.perf_counter()
         for batch in bar:
-            if iteration <= warmup_iters and warmup_iters > 0:
-                accumulate_now = max(1, round(np.interp(iteration, [0, warmup_iters], [1, accumulate])))
-                for index, group in enumerate(optimizer.param_groups):
-                    start_lr = cfg["warmup_bias_lr"] if index == 2 else 0.0
-                    group["lr"] = float(np.interp(iteration, [0, warmup_iters], [start_lr, group["initial_lr"] * lf(epoch)]))
-                    momentum = float(np.interp(iteration, [0, warmup_iters], [cfg["warmup_momentum"], cfg["momentum"]]))
-                    if "betas" in group:
-                        group["betas"] = (momentum, group["betas"][1])
-                    else:
-                        group["momentum"] = momentum
-            else:
-                accumulate_now = accumulate
+            accumulate_now = _warm_up(optimizer, cfg, iteration, warmup_iters, accumulate, lf(epoch))
             inputs = batch_inputs(batch, model.input_names, device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 loss, items = stage.step_fn(train_module, batch, inputs)
@@ -271,12 +296,7 @@ def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device:
                 raise RuntimeError(f"non-finite loss at epoch {epoch} iteration {iteration}: {items}")
             scaler.scale(loss).backward()
             if iteration - last_step_iteration >= accumulate_now:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 10.0)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                ema.update(model)
+                _optimizer_step(scaler, optimizer, ema, model)
                 last_step_iteration = iteration
             for key, value in items.items():
                 running[key] = running.get(key, 0.0) + float(value)
@@ -429,7 +449,6 @@ class GhostForward(nn.Module):
 
 
 def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
-    from ghost_deploy.train.distill import gqsd_loss, ost_distance
 
     def step(train_module, batch, inputs):
         inner = train_module.module if hasattr(train_module, "module") else train_module
@@ -458,8 +477,6 @@ def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
 
 def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
     """The GHOST bit plan: an edited JSON when given, else HQ (k-means rule) or a budget, per the recipe."""
-    from ghost_deploy.quant import BitPlan, budget_plan, check_plan_against_model, hq_plan
-
     plan_cfg = recipe["ghost"]["plan"]
     if isinstance(bit_plan_path, BitPlan):
         return bit_plan_path
@@ -482,11 +499,7 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
                 resume: bool = False, progress: bool = True, strict: bool = False, epochs: int | None = None,
                 rank: int = 0, world_size: int = 1, log=print, distill: bool | None = None) -> dict:
     """GHOST: student initialised from the teacher, quantized with the bit plan, trained with GQSD + OST/SCM."""
-    from ghost_deploy.train.distill import OpenRateLog, SelfTeaching
-    from ghost_deploy.quant import calibrate_activations, quantize_model
-
     out_dir = Path(out_dir)
-    from ghost_deploy.quant import fold_bn
 
     teacher, teacher_meta = model_from_checkpoint(teacher_path, with_sr=False)
     student_init = teacher.detector_state_dict()
@@ -504,8 +517,6 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
         bit_plan_path = plan_file  # the plan is part of the run's state
     if callable(bit_plan_path):  # a plan that depends on the student, e.g. a uniform plan for an ablation
         bit_plan_path = bit_plan_path(student)
-    from ghost_deploy.train.distributed import broadcast_object
-    from ghost_deploy.quant import BitPlan
 
     # Computed once on rank 0 and broadcast, so every rank quantizes with the very same plan.
     plan_json = make_bit_plan(student, recipe, bit_plan_path, log).to_json() if rank == 0 else None
@@ -522,7 +533,6 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
     student = quantize_model(student, plan)
     calibrate_activations(student, calib_batches)
     if not recipe["ghost"]["learn_act_scales"]:
-        from ghost_deploy.quant import act_quantizers
 
         # Calibrated (MSE) and kept: weight scales still learn (LSQ); learned 8-bit activation scales add little
         # and their LSQ gradient was ~40% of a CPU QAT step.

@@ -1,0 +1,84 @@
+"""`ghost-deploy train`, `plan` and `pipeline`: the training stage and the whole pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ghost_deploy.checkpoint import model_from_checkpoint
+from ghost_deploy.cli.options import device_option, echo_log, no_progress_option, recipe_option
+from ghost_deploy.errors import handle_cli_errors
+from ghost_deploy.pipeline import run_pipeline
+from ghost_deploy.quant import budget_plan, hq_plan
+from ghost_deploy.recipe import load_recipe
+from ghost_deploy.train.run import run_training
+
+
+@click.command()
+@click.option("--stage", type=click.Choice(["teacher", "ghost", "all"]), default="all", show_default=True,
+              help="teacher: FP32 only; ghost: HQ + QAT from --teacher; all: both.")
+@recipe_option
+@click.option("--data", type=click.Path(), default=None, help="Dataset YAML (default: the recipe's, else the embedded demo set).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe>).")
+@click.option("--teacher", type=click.Path(), default=None, help="FP32 teacher checkpoint for --stage ghost.")
+@click.option("--bit-plan", type=click.Path(), default=None, help="Use this (edited) bit plan JSON instead of HQ.")
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs for every stage run.")
+@device_option
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved epoch.")
+@click.option("--strict", is_flag=True, help="Bad samples are errors instead of skipped with a warning.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Processes for DDP (torchrun-style, gloo on CPU).")
+@no_progress_option
+@handle_cli_errors
+def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, resume, strict, nproc, no_progress):
+    """Train the FP32 teacher and/or the GHOST mixed-precision student.
+
+    With no arguments: the demo recipe on the embedded RGB+IR dataset, teacher then GHOST, into runs/demo.
+    """
+
+    loaded = load_recipe(recipe)
+    out = Path(out_dir or Path("runs") / loaded["name"])
+    run_training(loaded, out, stage=stage, data=data, teacher=teacher, bit_plan=bit_plan, epochs=epochs, device=device,
+                 resume=resume, strict=strict, nproc=nproc, progress=not no_progress, log=echo_log)
+
+
+@click.command()
+@recipe_option
+@click.option("--data", type=click.Path(), default=None, help="Dataset YAML (default: the recipe's; demo: the embedded set).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe>).")
+@click.option("--target", default="jetson-orin-nano", show_default=True, help="Engine target profile (engines/targets).")
+@click.option("--bench-iterations", type=int, default=50, show_default=True, help="Timed iterations per backend.")
+@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs did not change.")
+@no_progress_option
+@handle_cli_errors
+def pipeline(recipe, data, out_dir, target, bench_iterations, force, no_progress):
+    """train -> export -> build-engine -> bench in one run folder, with one summary at the end.
+
+    With no arguments: the demo recipe on the embedded RGB+IR set into runs/demo. Stages whose inputs
+    did not change since the last run are skipped (runs/demo/pipeline.json records why).
+    """
+
+    loaded = load_recipe(recipe)
+    run_pipeline(loaded, Path(out_dir or Path("runs") / loaded["name"]), target=target, data=data, force=force,
+                 bench_iterations=bench_iterations, progress=not no_progress, log=echo_log)
+
+
+@click.command("plan")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Bit plan JSON to write (edit it, then train --bit-plan).")
+@click.option("--threshold", type=float, default=None, help="HQ k-means threshold T (paper: 0.1).")
+@click.option("--avg-bits", type=float, default=None, help="Budget mode: average weight bits.")
+@click.option("--size-mb", type=float, default=None, help="Budget mode: model size in MB.")
+@click.option("--bops-g", type=float, default=None, help="Budget mode: GBOPs.")
+@click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
+@handle_cli_errors
+def plan_command(checkpoint, out, threshold, avg_bits, size_mb, bops_g, act_bits):
+    """Choose per-layer bits for CHECKPOINT's model: HQ (default) or a size/BOPs/bits budget."""
+    model, meta = model_from_checkpoint(checkpoint, with_sr=False)
+    budget = {k: v for k, v in {"avg_bits": avg_bits, "size_mb": size_mb, "bops_g": bops_g}.items() if v is not None}
+    if budget:
+        plan = budget_plan(model, budget, act_bits=act_bits, img_size=meta.img_size)
+    else:
+        plan = hq_plan(model, threshold=threshold if threshold is not None else 0.1, act_bits=act_bits, img_size=meta.img_size)
+    plan.save(out)
+    click.echo(plan.summary())
+    click.echo(f"bit plan written to {out}")
