@@ -11,6 +11,8 @@ import os
 import sys
 import traceback
 
+import click
+
 EXIT_PARITY = 1
 EXIT_USER = 2
 
@@ -41,8 +43,6 @@ DEBUG = {"on": False}
 
 def handle_cli_errors(func):
     """Map UserError to one line on stderr + exit 2, ParityError to exit 1; tracebacks only with --debug."""
-    import click
-
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:

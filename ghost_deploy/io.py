@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import yaml
+
 from ghost_deploy.errors import UserError
 
 
@@ -74,9 +76,6 @@ def read_user_text(path: str | os.PathLike, what: str) -> str:
 
 def read_user_yaml(path: str | os.PathLike, what: str):
     """`read_user_text` parsed as YAML; a syntax error is one line naming the file."""
-    import yaml
-
-
     text = read_user_text(path, what)
     try:
         return yaml.safe_load(text)

@@ -20,6 +20,7 @@ from ghost_deploy.bench.prepost import head_spec_from_meta, preprocess, syntheti
 from ghost_deploy.bench.report import PLOTS, format_table
 from ghost_deploy.checkpoint import read_meta, save_checkpoint
 from ghost_deploy.errors import UserError
+from ghost_deploy.parity.runners import Runner
 from ghost_deploy.model import build_model
 
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "bench-schema.json"
@@ -268,10 +269,19 @@ class OracleBackend(Backend):
             item = dataset[index]
             self.truth[item["rgb"].numpy().tobytes()] = item["labels"][:, 1:].numpy() * [1, IMG, IMG, IMG, IMG]
 
-    def _load(self):
-        self.input_names = self.spec.input_names
+    def _open(self):
+        backend = self
 
-    def _infer(self, feed):
+        class OracleRunner(Runner):  # the runner interface every stage shares (parity.runners)
+            input_names = list(self.spec.input_names)
+            output_names = [f"head_s{int(s)}" for s in self.spec.strides]
+
+            def infer(self, feed):
+                return dict(zip(self.output_names, backend.oracle_heads(feed)))
+
+        return OracleRunner()
+
+    def oracle_heads(self, feed):
         spec, batch = self.spec, feed["rgb"].shape[0]
         anchors = np.asarray(spec.anchors_pixels, dtype=np.float64)
         na, no = anchors.shape[1], spec.outputs_per_anchor

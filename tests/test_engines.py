@@ -246,7 +246,10 @@ def _built_receipt(tmp_path, layers):
 def test_verify_runtime_reports_mismatches(tmp_path):
     path, built_env = _built_receipt(tmp_path, [])
     assert verify_runtime(path, environment=built_env) == []
-    assert verify_runtime(path, environment=built_env | {"tensorrt_version": "10.3.1", "l4t": "36.4.4"}) == []
+    # a JetPack patch release keeps the engine; another TensorRT patch release does not (no version-compatible build)
+    assert verify_runtime(path, environment=built_env | {"l4t": "36.4.4"}) == []
+    patch = verify_runtime(path, environment=built_env | {"tensorrt_version": "10.3.1"})
+    assert len(patch) == 1 and "exact TensorRT" in patch[0]
     problems = verify_runtime(path, environment={"tensorrt_version": "10.16.2.10", "compute_capability": "8.7",
                                                  "l4t": "39.2.0"})
     assert len(problems) == 2 and "10.3.0.30" in problems[0] and "10.16.2.10" in problems[0]

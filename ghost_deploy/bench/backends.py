@@ -2,9 +2,10 @@
 
 A backend takes file paths (a checkpoint, an ONNX, an engine), never another stage's internals, and
 turns a feed `{input name: float32 NCHW array}` into the raw head maps `[(B, na*(nc+5), H, W), ...]`.
-Adding a backend is one subclass: set `kind`, implement `_load`, `_infer` and (optionally) `_close`.
-Heavy imports (torch, onnxruntime, tensorrt) happen in `load()`, so a missing library makes that one
-backend `BackendUnavailable` (skipped, with the reason in the report) instead of breaking the run.
+Adding a backend is its `Runner` (the interface parity and engine builds use too) and a subclass here that
+sets `kind` and implements `_open`.
+The optional runtimes (tensorrt, CUDA bindings) load in `load()`, so a missing one makes that backend
+`BackendUnavailable` (skipped, with the reason in the report) instead of breaking the run.
 """
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ghost_deploy.bench.prepost import head_outputs
 from ghost_deploy.bench.sizes import onnx_precision
-from ghost_deploy.checkpoint import read_meta
+from ghost_deploy.checkpoint import model_from_checkpoint, read_meta
 from ghost_deploy.contract import metadata_key
 from ghost_deploy.engines.trt import EngineRunner, TensorRTUnavailable
 from ghost_deploy.errors import UserError
+from ghost_deploy.export.reference import TorchRunner
+from ghost_deploy.parity.runners import OrtRunner, Runner
 
 
 class BackendUnavailable(RuntimeError):
@@ -27,7 +31,11 @@ class BackendUnavailable(RuntimeError):
 
 
 class Backend:
-    """Base class. Subclasses set `kind` and `precision` and implement `_load` / `_infer`."""
+    """One way of running the model in bench: a `Runner` (parity.runners) plus what bench reports about it.
+
+    Subclasses set `kind` and implement `_open() -> Runner`; a new runtime is its runner and a subclass of a
+    few lines. `infer` returns the runner's head outputs in head order.
+    """
 
     kind = "base"
 
@@ -36,24 +44,35 @@ class Backend:
         self.precision = precision
         self.artifact_paths = {role: str(path) for role, path in artifact_paths.items()}
         self.input_names: tuple[str, ...] = ()
-        self.loaded = False
+        self.head_names: list[str] = []
+        self.runner: Runner | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.runner is not None
 
     # -- interface ---------------------------------------------------------------------------------
     def load(self) -> None:
-        if not self.loaded:
-            self._load()
-            self.loaded = True
+        if self.runner is None:
+            self.runner = self._open()
+            self.input_names = tuple(self.runner.input_names)
+            self.head_names = head_outputs(self.runner.output_names, self._declared_heads())
 
     def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Raw head maps for one batch, in head order."""
-        if not self.loaded:
+        if self.runner is None:
             raise RuntimeError(f"backend {self.name} used before load()")
-        return self._infer(feed)
+        missing = [name for name in self.input_names if name not in feed]
+        if missing:
+            raise UserError(next(iter(self.artifact_paths.values()), None),
+                            f"inputs {missing} not provided (got {sorted(feed)})")
+        outputs = self.runner.infer({name: feed[name] for name in self.input_names})
+        return [outputs[name] for name in self.head_names]
 
     def close(self) -> None:
-        if self.loaded:
-            self._close()
-            self.loaded = False
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
 
     def device_memory(self) -> int | None:
         """Peak device (GPU) memory in bytes since load, or None on a CPU backend."""
@@ -71,14 +90,12 @@ class Backend:
         return {"name": self.name, "kind": self.kind, "precision": self.precision, "artifacts": self.artifact_paths}
 
     # -- hooks -------------------------------------------------------------------------------------
-    def _load(self) -> None:
+    def _open(self) -> Runner:
         raise NotImplementedError
 
-    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        raise NotImplementedError
-
-    def _close(self) -> None:
-        pass
+    def _declared_heads(self) -> list[str] | None:
+        """The head outputs the artifact declares (an export's ghost.head_output_names), if it does."""
+        return None
 
     def __enter__(self):
         self.load()
@@ -96,6 +113,13 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
+def _static_dims(shapes: dict[str, list]) -> tuple[int | None, int | None]:
+    """(batch, side) when every input fixes them, else None for that one."""
+    batches = {shape[0] for shape in shapes.values() if shape and isinstance(shape[0], int)}
+    sides = {shape[-1] for shape in shapes.values() if len(shape) == 4 and isinstance(shape[-1], int)}
+    return (batches.pop() if len(batches) == 1 else None), (sides.pop() if len(sides) == 1 else None)
+
+
 class TorchBackend(Backend):
     """A checkpoint run in PyTorch: FP32 for a teacher, GHOST fake-quant for a checkpoint with a bit plan.
 
@@ -105,9 +129,8 @@ class TorchBackend(Backend):
 
     kind = "torch"
 
-    def __init__(self, checkpoint: str | os.PathLike, fake_quant: bool | None = None, device: str = "cpu",
+    def __init__(self, checkpoint: str | os.PathLike, fake_quant: bool | None = None, device: str = "auto",
                  threads: int | None = None, name: str | None = None):
-
         path = _require_file(Path(checkpoint), "checkpoint")
         self.meta = read_meta(path)
         has_plan = self.meta.quantized
@@ -126,110 +149,60 @@ class TorchBackend(Backend):
         self.input_names = tuple(self.meta.input_names)
         self.model = None
 
-    def _load(self) -> None:
-        try:
-            import torch
-
-            from ghost_deploy.checkpoint import model_from_checkpoint
-        except ImportError as exc:
-            raise BackendUnavailable(f"cannot import PyTorch or the model code ({exc})") from None
+    def _open(self) -> Runner:
         if self.device == "auto":  # the same default as train: CUDA when there is one
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable(f"device {self.device} requested but CUDA is not available")
         if self.threads:
             torch.set_num_threads(self.threads)
-        try:
-            model, _ = model_from_checkpoint(self.path, with_sr=False)
-        except ImportError as exc:  # the quant module is optional for FP32 checkpoints only
-            raise BackendUnavailable(f"cannot rebuild the quantized model ({exc})") from None
-        self._torch = torch
+        model, _ = model_from_checkpoint(self.path, with_sr=False)
         self.model = model.to(self.device).eval()
-        self.input_names = tuple(self.model.input_names)
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(self.device)
+        heads = [f"head{index}" for index in range(len(self.meta.strides))]
+        return TorchRunner(self.model, self.model.input_names, heads, device=self.device)
 
-    def _infer(self, feed):
-        torch = self._torch
-        missing = [name for name in self.input_names if name not in feed]
-        if missing:
-            raise UserError(self.path, f"inputs {missing} not provided (got {sorted(feed)})")
-        with torch.inference_mode():
-            inputs = [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device) for name in self.input_names]
-            heads = self.model(*inputs)
-            outputs = [head.float().cpu().numpy() for head in heads]  # .cpu() waits for the GPU
-        return outputs
-
-    def _close(self) -> None:
+    def close(self) -> None:
+        super().close()
         self.model = None
 
     def device_memory(self) -> int | None:
         if self.device.startswith("cuda") and self.model is not None:
-            return int(self._torch.cuda.max_memory_allocated(self.device))
+            return int(torch.cuda.max_memory_allocated(self.device))
         return None
 
 
 class OrtBackend(Backend):
-    """An ONNX (FP32 or QDQ) run with ONNX Runtime on the CPU.
-
-    Same session setup as the torch-free `engines.runners.OrtRunner`, plus one bench-specific option:
-    intra-op threads do not spin-wait after a run. Spinning threads keep burning the cores for a while
-    after each inference, which slowed the next backend of an interleaved round by 2x in our runs; a
-    deployed process that runs only this model may prefer spinning (slightly lower latency).
-    """
+    """An ONNX (FP32 or QDQ) run with ONNX Runtime on the CPU, as a user gets it: graph optimizations and ORT's
+    Q/DQ rewrites on (integer kernels where ORT has them). Worker threads do not spin-wait after a run by
+    default: spinning threads kept burning the cores after each inference and slowed the next backend of an
+    interleaved round by 2x in our runs."""
 
     kind = "onnxruntime"
 
     def __init__(self, onnx_path: str | os.PathLike, label: str | None = None, threads: int | None = None,
                  providers=("CPUExecutionProvider",), spin_wait: bool = False):
-
         path = _require_file(Path(onnx_path), "ONNX file")
-        precision = onnx_precision(path)
-        super().__init__(label or f"ort-{path.stem}", precision, {"onnx": path})
-        self.path = path
-        self.threads = threads
-        self.providers = tuple(providers)
-        self.spin_wait = spin_wait
-        self.session = None
-        self.output_names: list[str] = []
-        self._input_shapes: dict[str, list] = {}
+        super().__init__(label or f"ort-{path.stem}", onnx_precision(path), {"onnx": path})
+        self.path, self.threads, self.providers, self.spin_wait = path, threads, tuple(providers), spin_wait
 
-    def _load(self) -> None:
+    def _open(self) -> Runner:
         try:
-            import onnxruntime as ort
+            return OrtRunner(self.path, providers=self.providers, threads=self.threads, exact=False,
+                             spin_wait=self.spin_wait)
         except ImportError as exc:
             raise BackendUnavailable(f"onnxruntime is not installed ({exc})") from None
-        options = ort.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin_wait else "0")
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(self.providers))
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise UserError(self.path, f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
 
-        self.input_names = tuple(i.name for i in self.session.get_inputs())
-        declared = self.session.get_modelmeta().custom_metadata_map.get(metadata_key("head_output_names"))
-        self.output_names = head_outputs([o.name for o in self.session.get_outputs()],
-                                         json.loads(declared) if declared else None)
-        self._input_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
-
-    def _infer(self, feed):
-        missing = [name for name in self.input_names if name not in feed]
-        if missing:
-            raise UserError(self.path, f"inputs {missing} not provided (got {sorted(feed)})")
-        return self.session.run(self.output_names, {name: np.ascontiguousarray(feed[name]) for name in self.input_names})
-
-    def _close(self) -> None:
-        self.session = None
+    def _declared_heads(self) -> list[str] | None:
+        declared = self.runner.custom_metadata.get(metadata_key("head_output_names"))
+        return json.loads(declared) if declared else None
 
     def static_batch(self) -> int | None:
-        dims = {shape[0] for shape in self._input_shapes.values() if shape and isinstance(shape[0], int)}
-        return dims.pop() if len(dims) == 1 else None
+        return _static_dims(self.runner.input_shapes)[0] if self.runner else None
 
     def static_image_size(self) -> int | None:
-        sides = {shape[-1] for shape in self._input_shapes.values() if len(shape) == 4 and isinstance(shape[-1], int)}
-        return sides.pop() if len(sides) == 1 else None
+        return _static_dims(self.runner.input_shapes)[1] if self.runner else None
 
 
 class TrtBackend(Backend):
@@ -241,29 +214,14 @@ class TrtBackend(Backend):
         path = _require_file(Path(engine_path), "engine")
         super().__init__(label or f"trt-{path.stem}", "engine", {"engine": path})
         self.path = path
-        self.runner = None
-        self.head_names: list[str] = []
 
-    def _load(self) -> None:
-
+    def _open(self) -> Runner:
         try:
-            self.runner = EngineRunner(self.path)
+            return EngineRunner(self.path)
         except TensorRTUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
         except ImportError as exc:  # pycuda / cuda-python absent
             raise BackendUnavailable(f"CUDA bindings missing ({exc})") from None
-
-        self.input_names = tuple(self.runner.input_names)
-        self.head_names = head_outputs(self.runner.output_names)
-
-    def _infer(self, feed):
-        outputs = self.runner.infer(feed)
-        return [outputs[name] for name in self.head_names]
-
-    def _close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
-        self.runner = None
 
     def device_memory(self) -> int | None:
         # The engine's activation memory; weights live in the engine allocation TensorRT made at load.

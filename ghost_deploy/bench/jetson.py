@@ -19,10 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from ghost_deploy.engines.receipt import read_l4t_release
+from ghost_deploy.engines.receipt import NV_TEGRA_RELEASE, read_l4t_release
 from ghost_deploy.engines.targets import read_device_tree_model
 
-NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 BOARD_RAILS = ("VDD_IN", "POM_5V_IN")  # whole-module input rail, first match wins
 _RAIL = re.compile(r"\b([A-Z][A-Z0-9_]+)\s+(\d+)(?:mW)?/(\d+)(?:mW)?")
 _FREQ = re.compile(r"\b(Online|MinFreq|MaxFreq|CurrentFreq|FreqOverride)=(\d+)")
@@ -103,9 +102,8 @@ def board_power_mw(rails: dict[str, float]) -> tuple[str, float] | None:
 
 
 def is_jetson() -> bool:
-
     model = read_device_tree_model() or ""
-    return NV_TEGRA_RELEASE.exists() or "jetson" in model.lower()
+    return Path(NV_TEGRA_RELEASE).exists() or "jetson" in model.lower()
 
 
 def board_state() -> dict:

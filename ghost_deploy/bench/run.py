@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tqdm import tqdm
+
 from ghost_deploy import __version__
 from ghost_deploy.bench import jetson
 from ghost_deploy.bench.accuracy import evaluate_backends
@@ -165,8 +167,6 @@ def _default_threads() -> int:
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 

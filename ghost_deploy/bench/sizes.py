@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import onnx
+
 from ghost_deploy.contract import OnnxMetadata
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import sha256_file
@@ -18,10 +20,6 @@ _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 def _load_onnx_graph(path: Path):
     try:
-        import onnx
-    except ImportError:
-        return None
-    try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError / OSError variants
         raise UserError(path, f"cannot read ONNX ({str(exc).splitlines()[0]})") from None
@@ -30,8 +28,6 @@ def _load_onnx_graph(path: Path):
 def onnx_precision(path: str | os.PathLike) -> str:
     """`fp32`, `fp16`, `int8-qdq` or `int4w-qdq`, with `-cpu` for ONNX Runtime's integer form (export
     `--target cpu`): from our export metadata when present, else read from the graph itself."""
-    import onnx
-
     model = _load_onnx_graph(Path(path))
     if model is None:
         return "unknown"

@@ -9,7 +9,7 @@ from ghost_deploy.checkpoint import model_from_checkpoint
 from ghost_deploy.cli.options import device_option, echo_log, no_progress_option, recipe_option
 from ghost_deploy.errors import handle_cli_errors
 from ghost_deploy.pipeline import run_pipeline
-from ghost_deploy.quant import budget_plan, hq_plan
+from ghost_deploy.quant.hq import choose_plan
 from ghost_deploy.recipe import load_recipe
 from ghost_deploy.train.run import run_training
 
@@ -75,10 +75,8 @@ def plan_command(checkpoint, out, threshold, avg_bits, size_mb, bops_g, act_bits
     """Choose per-layer bits for CHECKPOINT's model: HQ (default) or a size/BOPs/bits budget."""
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
     budget = {k: v for k, v in {"avg_bits": avg_bits, "size_mb": size_mb, "bops_g": bops_g}.items() if v is not None}
-    if budget:
-        plan = budget_plan(model, budget, act_bits=act_bits, img_size=meta.img_size)
-    else:
-        plan = hq_plan(model, threshold=threshold if threshold is not None else 0.1, act_bits=act_bits, img_size=meta.img_size)
+    plan = choose_plan(model, "budget" if budget else "hq", meta.img_size, budget=budget, act_bits=act_bits,
+                       threshold=threshold if threshold is not None else 0.1)
     plan.save(out)
     click.echo(plan.summary())
     click.echo(f"bit plan written to {out}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from ghost_deploy import __version__
 from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml
@@ -221,8 +222,6 @@ def _rarest_class(labels: np.ndarray, class_images: np.ndarray):
 
 def _mean_brightness(path: Path) -> float:
     """Mean grey level (0..255) of an image file as stored."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image = image.convert("L") if image.mode not in ("I", "I;16", "I;16B", "I;16L") else image

@@ -97,7 +97,7 @@ def _build_and_verify(onnx_path, out_dir, name, profile, parity_set, hashes, bit
     result = build_engine(onnx_path, unverified, profile, trt_world=trt_world, dla_core=dla_core,
                           timing_cache=timing_cache, opt_level=opt_level, batch=batch,
                           strongly_typed=strongly_typed, progress=progress)
-    with EngineRunner(unverified) as runner:
+    with EngineRunner(unverified, dla_core=dla_core) as runner:
         report = run_parity(parity_set, runner, budgets)
     passed = report.passed
     final = engine_path if passed else engine_path.with_name(f"{name}{suffix}.FAILED.engine")
@@ -111,7 +111,7 @@ def _build_and_verify(onnx_path, out_dir, name, profile, parity_set, hashes, bit
     if not passed:
         raise ParityError(f"{final}: engine failed parity: " + "; ".join(report.failures), report.to_dict())
     return {"engine": str(final), "receipt": str(receipt_path), "dla_core": dla_core, "parity": report.to_dict(),
-            "warnings": receipt["plan_mapping"]["warnings"]}
+            "warnings": receipt.build["plan_mapping"]["warnings"]}
 
 
 def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=None, timing_cache=None,

@@ -15,7 +15,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import onnx
+
 from ghost_deploy import __version__
+from ghost_deploy.contract import Receipt
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from ghost_deploy.parity.compare import Budgets, ParityReport
@@ -34,11 +37,7 @@ BUNDLE_FILES = (BUNDLE_ONNX, BUNDLE_PARITY, BUNDLE_TARGET, BUNDLE_RECEIPT, BUNDL
 
 
 def onnx_input_dims(onnx_path) -> dict[str, list]:
-    """{input: dims} with None for symbolic/unknown dims; {} if the onnx package is absent."""
-    try:
-        import onnx
-    except ImportError:
-        return {}
+    """{input: dims} with None for symbolic/unknown dims."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
     return {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
@@ -130,7 +129,7 @@ On the device:   bash {BUNDLE_SCRIPT}{f"   (DLA core {dla_core}, GPU fallback on
 
 
 def write_bundle(onnx_path, parity_set_path, profile, out_dir, *, reason: str, target_arg: str | None = None,
-                 dla_core: int | None = None, timing_cache=None, partial_receipt: dict,
+                 dla_core: int | None = None, timing_cache=None, partial_receipt: Receipt,
                  name: str | None = None, package_spec: str | None = None) -> dict:
     """Write `<name>.bundle/` (temp folder + rename) and `<name>.bundle.tar.gz`; returns their paths."""
     onnx_path, parity_set_path, out_dir = Path(onnx_path), Path(parity_set_path), Path(out_dir)
@@ -146,7 +145,7 @@ def write_bundle(onnx_path, parity_set_path, profile, out_dir, *, reason: str, t
         has_cache = bool(timing_cache) and Path(timing_cache).is_file()
         if has_cache:
             shutil.copyfile(timing_cache, staging / BUNDLE_TIMING_CACHE)
-        write_json_atomic(staging / BUNDLE_RECEIPT, partial_receipt)
+        write_json_atomic(staging / BUNDLE_RECEIPT, partial_receipt.to_dict())
         script = staging / BUNDLE_SCRIPT
         write_text_atomic(script, _script(target_arg or profile.name, dla_core,
                                           package_spec or f"ghost-deploy=={__version__}", has_cache))
@@ -175,11 +174,11 @@ def run_bundle_parity(bundle_dir, runner, budgets: Budgets | None = None) -> Par
     bundle_dir = Path(bundle_dir)
     receipt_path = bundle_dir / BUNDLE_RECEIPT
     try:
-        receipt = json.loads(receipt_path.read_text(encoding="utf-8"))
+        receipt = Receipt.from_dict(json.loads(receipt_path.read_text(encoding="utf-8")), source=receipt_path)
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(receipt_path, f"not a readable bundle receipt ({exc})") from None
     parity_set = load_parity_set(bundle_dir / BUNDLE_PARITY)
-    expected = (receipt.get("hashes") or {}).get("parity_set")
+    expected = receipt.hashes.get("parity_set")
     if expected and expected != parity_set.sha256:
         raise UserError(bundle_dir / BUNDLE_PARITY, "parity set does not match the hash in the bundle receipt")
     return run_parity(parity_set, runner, budgets)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ghost_deploy.bitplan import BitPlan
-from ghost_deploy.contract import RECEIPT_SCHEMA, OnnxMetadata
+from ghost_deploy.contract import OnnxMetadata, Receipt
 from ghost_deploy.engines.targets import detect_jetson, read_device_tree_model
 from ghost_deploy.engines.trt import trt_version
 from ghost_deploy.errors import UserError
@@ -135,44 +135,34 @@ def file_hashes(**paths) -> dict[str, str | None]:
 
 
 def make_receipt(*, target: dict, hashes: dict, bit_plan: BitPlan | None, environment: dict | None = None,
-                 build: dict | None = None, parity: dict | None = None, extra: dict | None = None) -> dict:
+                 build: dict | None = None, parity: dict | None = None, extra: dict | None = None) -> Receipt:
     """Assemble a receipt; `build` None means a partial receipt (no engine yet)."""
-    receipt = {
-        "schema": RECEIPT_SCHEMA,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "built": build is not None,
-        "engine": None if build is None else Path(build["engine_path"]).name,
-        "target": target,
-        "hashes": hashes,
-        "environment": environment,
-        "bit_plan": None if bit_plan is None else bit_plan.to_dict(),
-        "parity": parity,
-    }
+    facts = None
     if build is not None:
-        receipt.update({
+        facts = {
             "tensorrt_version": build["tensorrt_version"], "trt_world": build["trt_world"],
             "flags": build["flags"], "dla_core": build["dla_core"], "build_seconds": build["build_seconds"],
             "input_shapes": build["input_shapes"], "layers": build["layers"], "dla_placement": build["placement"],
             "plan_mapping": plan_precision_report(build["layers"], bit_plan),
-        })
-    receipt.update(extra or {})
-    return receipt
+            "version_compatible": bool(build.get("version_compatible", False)),
+        }
+    return Receipt(created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), target=target, hashes=hashes,
+                   environment=environment, bit_plan=bit_plan, parity=parity, build=facts,
+                   engine=None if build is None else Path(build["engine_path"]).name, extra=dict(extra or {}))
 
 
-def write_receipt(path, receipt: dict) -> None:
-    write_json_atomic(path, receipt)
+def write_receipt(path, receipt: Receipt) -> None:
+    write_json_atomic(path, receipt.to_dict())
 
 
-def load_receipt(path) -> dict:
+def load_receipt(path) -> Receipt:
     try:
-        receipt = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(path, "receipt not found") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(path, f"receipt is not readable JSON ({exc})") from None
-    if not isinstance(receipt, dict) or receipt.get("schema") != RECEIPT_SCHEMA:
-        raise UserError(path, f"not a ghost-deploy engine receipt (schema must be {RECEIPT_SCHEMA})")
-    return receipt
+    return Receipt.from_dict(data, source=path)
 
 
 def _major_minor(version: str | None) -> str | None:
@@ -183,17 +173,18 @@ def verify_runtime(receipt_path, environment: dict | None = None) -> list[str]:
     """Problems that would stop this engine from loading here ([] = fine). `environment` defaults to
     `observe_environment()`; pass one to check another machine's description."""
     receipt = load_receipt(receipt_path)
-    if not receipt.get("built"):
+    if not receipt.built:
         return [f"{receipt_path}: no engine was built (partial receipt); build it on the device first"]
     env = observe_environment() if environment is None else environment
     problems = []
-    built_trt, have_trt = receipt.get("tensorrt_version"), env.get("tensorrt_version")
+    built_trt, have_trt = receipt.build.get("tensorrt_version"), env.get("tensorrt_version")
     if have_trt is None:
-        problems.append(f"TensorRT is not installed here; the engine needs TensorRT {_major_minor(built_trt)}.x")
-    elif _major_minor(built_trt) != _major_minor(have_trt):
-        problems.append(f"engine built with TensorRT {built_trt}, this machine has {have_trt} "
-                        f"(major.minor must match; rebuild with build_on_device.sh)")
-    built_env = receipt.get("environment") or {}
+        problems.append(f"TensorRT is not installed here; the engine needs TensorRT {built_trt}")
+    elif not _loads_on(built_trt, have_trt, receipt.build.get("version_compatible", False)):
+        problems.append(f"engine built with TensorRT {built_trt}, this machine has {have_trt} (an engine loads only on "
+                        f"the exact TensorRT it was built with unless built version-compatible; rebuild with "
+                        f"build_on_device.sh)")
+    built_env = receipt.environment or {}
     built_sm, have_sm = built_env.get("compute_capability"), env.get("compute_capability")
     if built_sm and have_sm and str(built_sm) != str(have_sm):
         problems.append(f"engine built for GPU SM {built_sm}, this GPU is SM {have_sm}")
@@ -205,3 +196,18 @@ def verify_runtime(receipt_path, environment: dict | None = None) -> list[str]:
         problems.append(f"engine built on L4T {built_l4t} (JetPack), this machine has "
                         f"{'L4T ' + have_l4t if have_l4t else 'no L4T (not a Jetson)'}")
     return problems
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def _loads_on(built: str | None, have: str, version_compatible: bool) -> bool:
+    """TensorRT deserializes an engine only with the exact library version that built it (major.minor.patch),
+    unless it was built with BuilderFlag.VERSION_COMPATIBLE: then the same or a newer runtime of that major
+    (docs: "Version Compatibility", developer guide)."""
+    if not built:
+        return False
+    if version_compatible:
+        return _release(have)[0] == _release(built)[0] and _release(have) >= _release(built)
+    return _release(have) == _release(built)

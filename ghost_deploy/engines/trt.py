@@ -19,6 +19,7 @@ import numpy as np
 
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import atomic_path, sha256_file, write_bytes_atomic
+from ghost_deploy.parity.runners import Runner
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -286,16 +287,19 @@ class _CudaBuffers:
             self.cudart.cudaStreamDestroy(self.stream)
 
 
-class EngineRunner:
-    """Runs a serialized engine; same interface as runners.OrtRunner."""
+class EngineRunner(Runner):
+    """Runs a serialized engine behind the runner interface (parity.runners)."""
 
-    def __init__(self, engine_path: str | os.PathLike):
+    def __init__(self, engine_path: str | os.PathLike, dla_core: int | None = None):
         trt = _import_trt()
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise UserError(self.path, "engine file not found")
         self._trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        if dla_core is not None:
+            # A DLA engine runs on the core the runtime names (IRuntime::setDLACore), not the one it was built for
+            self.runtime.DLA_core = dla_core
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise UserError(self.path, "TensorRT cannot load this engine: it was built with another TensorRT "

@@ -136,18 +136,20 @@ def check_exact_parity(model, meta: dict, graph: onnx.ModelProto, parity_set, bu
 
 # --------------------------------------------------------------------------------------------- runners
 class TorchRunner(Runner):
-    """A PyTorch module behind the runner interface (`input_names`, `output_names`, `infer`, `close`)."""
+    """A PyTorch module behind the runner interface; its forward returns the outputs in `output_names` order."""
 
-    def __init__(self, module, input_names, output_names):
+    def __init__(self, module, input_names, output_names, device: str = "cpu"):
         self.module = module.eval()
         self.input_names = list(input_names)
         self.output_names = list(output_names)
+        self.device = device
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
         with torch.no_grad():
-            outputs = self.module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names))
-        return {name: value.numpy() for name, value in zip(self.output_names, outputs)}
+            inputs = (torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device) for n in self.input_names)
+            outputs = self.module(*inputs)
+            # .cpu() waits for the GPU, so a timed call covers the whole inference
+            return {name: value.float().cpu().numpy() for name, value in zip(self.output_names, outputs)}
 
     def close(self) -> None:
         self.module = None

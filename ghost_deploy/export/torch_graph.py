@@ -53,16 +53,6 @@ class ActSpec:
         return 2 ** (self.bits - 1) - 1
 
 
-@dataclass
-class TorchExport:
-    onnx_model: onnx.ModelProto
-    convs: dict[str, ConvSpec]
-    acts: dict[str, ActSpec]
-    input_names: list[str]
-    head_names: list[str]
-    output_names: list[str]
-
-
 class _ActQuantMarker(torch.autograd.Function):
     """Identity in PyTorch; one custom node in the ONNX, replaced by Q/DQ afterwards."""
 

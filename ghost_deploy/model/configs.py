@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ghost_deploy.errors import UserError
+
 # (from, op, args). Conv: (out, kernel, stride); C3: (out, repeats, shortcut); SPP: (out,).
 LAYERS: tuple = (
     (-1, "Conv", (64, 3, 1)),  # 0  stride 1: no Focus
@@ -95,6 +97,4 @@ def get_config(name: str) -> ModelConfig:
     try:
         return CONFIGS[name]
     except KeyError:
-        from ghost_deploy.errors import UserError
-
         raise UserError(None, f"unknown model {name!r}; known: {', '.join(CONFIGS)}") from None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml
 from ghost_deploy.data.augment import letterbox, resize_long_side
 from ghost_deploy.data.calib import CalibBatches, CalibSet, load_calib_set, load_pair_arrays
 from ghost_deploy.data.images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, read_ir, read_rgb
@@ -110,8 +111,7 @@ def images_from_folder(folder: str | os.PathLike, input_names, img_size: int, li
 
 def images_from_dataset(data_yaml: str | os.PathLike, input_names, img_size: int, limit: int) -> ParityInputs:
     """The first `limit` samples of the dataset's val split, letterboxed exactly as validation sees them."""
-    from ghost_deploy.data import load_dataset_yaml
-    from ghost_deploy.data.dataset import Dataset
+    from ghost_deploy.data.dataset import Dataset  # PyTorch: deferred so the parity stage imports without it
 
     spec = load_dataset_yaml(data_yaml)
     missing = [name for name in input_names if name not in spec.modalities]
@@ -141,8 +141,6 @@ def resolve_parity_inputs(meta: dict, img_size: int, count: int, parity_images=N
         return images_from_folder(parity_images, input_names, img_size, count)
     source = data or meta.data or (meta.recipe or {}).get("data") or "embedded"
     if source == "embedded":
-        from ghost_deploy.data import ensure_synthetic_dataset
-
         source = ensure_synthetic_dataset(seed=0)
     elif not Path(source).is_file():
         raise UserError(source, "dataset YAML for the parity images not found; pass data=YAML or parity_images=DIR")

@@ -219,3 +219,16 @@ def budget_plan(model: nn.Module, target: dict, sensitivity: dict | None = None,
 def _check_bit_range(bit_min: int, bit_max: int) -> None:
     if not 2 <= bit_min <= bit_max <= 8:
         raise UserError(None, f"bit range must satisfy 2 <= bit_min <= bit_max <= 8, got {bit_min}..{bit_max}")
+
+
+def choose_plan(model: nn.Module, method: str, img_size: int, *, threshold: float = 0.1, bit_min: int = 2,
+                bit_max: int = 8, seed: int = 0, act_bits: int | None = 8, budget: dict | None = None,
+                source=None) -> BitPlan:
+    """The one dispatch from a plan request to a plan: HQ's k-means rule (`hq`) or a budget (`budget`:
+    avg_bits, size_mb and/or bops_g). Training (the recipe's ghost.plan) and `ghost-deploy plan` both call it."""
+    if method == "hq":
+        return hq_plan(model, threshold=threshold, bit_min=bit_min, bit_max=bit_max, seed=seed, act_bits=act_bits,
+                       img_size=img_size)
+    if method == "budget":
+        return budget_plan(model, budget or {}, act_bits=act_bits, img_size=img_size)
+    raise UserError(source, f"ghost.plan.method must be hq or budget, got {method!r}")

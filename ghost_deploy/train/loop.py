@@ -33,13 +33,12 @@ from ghost_deploy.model import build_model
 from ghost_deploy.quant import (
     BitPlan,
     act_quantizers,
-    budget_plan,
     calibrate_activations,
     check_plan_against_model,
     fold_bn,
-    hq_plan,
     quantize_model,
 )
+from ghost_deploy.quant.hq import choose_plan
 from ghost_deploy.train.distill import OpenRateLog, SelfTeaching, gqsd_loss, ost_distance
 from ghost_deploy.train.distributed import broadcast_object
 from ghost_deploy.train.loss import DetectionLoss
@@ -484,14 +483,11 @@ def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
         plan = BitPlan.load(bit_plan_path)
         check_plan_against_model(plan, student)
         return plan
-    if plan_cfg["method"] == "hq":
-        plan = hq_plan(student, threshold=plan_cfg["threshold"], bit_min=plan_cfg["bit_min"], bit_max=plan_cfg["bit_max"],
-                       seed=recipe["seed"], act_bits=plan_cfg["act_bits"], img_size=recipe["img_size"])
-    elif plan_cfg["method"] == "budget":
-        plan = budget_plan(student, {k: plan_cfg[k] for k in ("avg_bits", "size_mb", "bops_g") if k in plan_cfg},
-                           act_bits=plan_cfg["act_bits"], img_size=recipe["img_size"])
-    else:
-        raise UserError(recipe.get("recipe_path"), f"ghost.plan.method must be hq or budget, got {plan_cfg['method']!r}")
+    plan = choose_plan(student, plan_cfg["method"], recipe["img_size"], threshold=plan_cfg["threshold"],
+                       bit_min=plan_cfg["bit_min"], bit_max=plan_cfg["bit_max"], seed=recipe["seed"],
+                       act_bits=plan_cfg["act_bits"],
+                       budget={k: plan_cfg[k] for k in ("avg_bits", "size_mb", "bops_g") if k in plan_cfg},
+                       source=recipe.get("recipe_path"))
     return plan
 
 
