@@ -92,6 +92,21 @@ def test_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+STAGE_ORDER = ["data", "model", "quant", "eval", "train", "parity", "export", "engines", "bench", "cli"]
+
+
+def test_stages_import_only_earlier_stages():
+    """The folders read as the pipeline: a stage never imports one that comes after it (docs/DESIGN.md)."""
+    late = []
+    for module, targets in import_graph().items():
+        stage = module.split(".")[1] if module.count(".") else None
+        for target in targets:
+            other = target.split(".")[1] if target.count(".") else None
+            if stage in STAGE_ORDER and other in STAGE_ORDER and STAGE_ORDER.index(other) > STAGE_ORDER.index(stage):
+                late.append(f"{module} -> {target}")
+    assert not late, late
+
+
 def test_package_root_is_small():
     loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
     assert len(loose) <= 8, loose
