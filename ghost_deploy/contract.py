@@ -185,6 +185,10 @@ class OnnxMetadata:
     def is_ours(cls, metadata: dict[str, str]) -> bool:
         return cls.FORMAT_KEY in metadata
 
+    def checksum_of_plan(self) -> str | None:
+        """Equal for two exports of the same bit plan (their other forms are compared by it)."""
+        return None if self.bit_plan is None else json.dumps(self.bit_plan.to_dict(), sort_keys=True)
+
     @property
     def int4_label(self) -> str:
         """How bench and reports name this export's precision."""
@@ -228,6 +232,7 @@ class ParityMeta:
     reference: str = ""
     arithmetic: str | None = None
     onnx_sha256: str | None = None
+    graph_sha256: str | None = None  # the ONNX's ghost.graph_sha256: what binds the set to its export
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -281,8 +286,9 @@ class Receipt:
         return out
 
     BUILD_KEYS = ("tensorrt_version", "trt_world", "flags", "dla_core", "build_seconds", "input_shapes", "layers",
-                  "dla_placement", "plan_mapping", "openvino_version", "device_name", "compile_properties",
-                  "precision_counts", "version_compatible")
+                  "dla_placement", "plan_mapping", "version_compatible", "openvino_version", "device", "device_name",
+                  "runtime_requirements", "compile_properties", "inference_precision", "threads", "precision_counts",
+                  "graph_edits", "built_from")
 
     @classmethod
     def from_dict(cls, data, source=None) -> "Receipt":

@@ -161,8 +161,18 @@ def onnx_metadata(onnx_path) -> OnnxMetadata | None:
     return OnnxMetadata.from_strings(props, source=onnx_path) if OnnxMetadata.is_ours(props) else None
 
 
-def content_sha256(model: onnx.ModelProto, metadata: dict[str, str]) -> str:
-    digest = hashlib.sha256(graph_sha256(model).encode())
+def _legacy_graph_sha256(model: onnx.ModelProto) -> str:
+    """The graph hash of exports before 0.3.0: the whole serialized graph (shape annotations included)."""
+    digest = hashlib.sha256()
+    digest.update(model.graph.SerializeToString(deterministic=True))
+    for opset in sorted((o.domain, o.version) for o in model.opset_import):
+        digest.update(f"{opset[0]}:{opset[1]};".encode())
+    return digest.hexdigest()
+
+
+def content_sha256(model: onnx.ModelProto, metadata: dict[str, str], graph_hash=graph_sha256) -> str:
+    """What `ghost.graph_sha256` holds: the graph's hash and every other ghost.* entry."""
+    digest = hashlib.sha256(graph_hash(model).encode())
     for key, value in sorted(ghost_entries(metadata).items()):
         if key != OnnxMetadata.HASH_KEY:
             digest.update(f"{key}={value}\n".encode())
@@ -174,5 +184,5 @@ def check_binding(path, model: onnx.ModelProto, metadata: dict[str, str]) -> Non
     stored = metadata.get(OnnxMetadata.HASH_KEY)
     if not stored:
         raise UserError(path, f"metadata lacks {OnnxMetadata.HASH_KEY}: not a complete ghost-deploy export")
-    if content_sha256(model, metadata) != stored:
+    if stored not in (content_sha256(model, metadata), content_sha256(model, metadata, _legacy_graph_sha256)):
         raise UserError(path, "graph or ghost.* metadata changed after export (hash mismatch); re-export it from the checkpoint")

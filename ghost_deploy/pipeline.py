@@ -12,7 +12,9 @@ from ghost_deploy.bench import run_bench
 from ghost_deploy.bench.run import artifacts_from_run
 from ghost_deploy.checkpoint import read_meta
 from ghost_deploy.engines import build
-from ghost_deploy.errors import ParityError
+from ghost_deploy.engines.openvino import openvino_version
+from ghost_deploy.engines.targets import resolve_target
+from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.export import export_onnx
 from ghost_deploy.io import sha256_file, write_json_atomic
 from ghost_deploy.train.loop import train_ghost, train_teacher
@@ -75,8 +77,9 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
     Each stage reads the previous stage's artifacts; a stage whose inputs did not change since the last
     run (same recipe, code version and input file hashes) is skipped. Returns the summary it prints.
     """
-
-
+    if resolve_target(target).runtime != "tensorrt":  # checked before any training, not after it
+        raise UserError("--target", f"the pipeline's engine target is a TensorRT device; {target} is built from the "
+                        "CPU form anyway when OpenVINO is installed")
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     ledger = _StageLedger(run)
@@ -106,8 +109,9 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
     verdicts["export"] = {name: info["verdict"] for name, info in exports["onnx"].items()}
     if not all(info["passed"] for info in exports["onnx"].values()):
         raise ParityError("an export failed its checks; see " + ", ".join(i["report"] for i in exports["onnx"].values()))
-    engine = stage("engine", _fingerprint("engine", Path(exports["onnx"]["ghost"]["path"]), target),
-                   lambda: _engine_stage(run / "engine", exports["onnx"]["ghost"]["path"], ghost["best"], target))
+    trt_form, cpu_form = exports["onnx"]["ghost"]["path"], exports["onnx"]["ghost-cpu"]["path"]
+    engine = stage("engine", _fingerprint("engine", Path(trt_form), Path(cpu_form), target, openvino_version()),
+                   lambda: _engine_stage(run / "engine", trt_form, cpu_form, ghost["best"], target))
     bench = stage("bench", _fingerprint("bench", *(Path(i["path"]) for i in exports["onnx"].values()), bench_iterations),
                   lambda: _bench_stage(run, ghost["best"], bench_iterations, progress, log))
     summary = {"run": str(run), "teacher": teacher, "ghost": ghost, "export": exports, "engine": engine, "bench": bench,
@@ -153,13 +157,21 @@ def _export_stage(out: Path, teacher_ckpt: str, ghost_ckpt: str, log, parity_con
     return outputs, {"onnx": results, "failed": not all(r["passed"] for r in results.values())}
 
 
-def _engine_stage(out: Path, onnx_path: str, checkpoint: str, target: str):
-
-    result = build(onnx_path, target, out, checkpoint=checkpoint, progress=False, require_export=True)
+def _engine_stage(out: Path, trt_form: str, cpu_form: str, checkpoint: str, target: str):
+    """The TensorRT target from the TensorRT form (an engine on the device, a bundle elsewhere) and, where
+    OpenVINO is installed, a real OpenVINO engine from the CPU form, parity-checked here."""
+    result = build(trt_form, target, out, checkpoint=checkpoint, progress=False, require_export=True)
     if result["status"] == "engine":
-        return [e["engine"] for e in result["engines"]], {"status": "engine", "engines": result["engines"]}
-    return [result["bundle_dir"]], {"status": "bundle", "reason": result["reason"], "bundle": result["bundle_dir"],
-                                    "bundle_tar": result.get("bundle_tar")}
+        outputs, summary = [e["engine"] for e in result["engines"]], {"status": "engine", "engines": result["engines"]}
+    else:
+        outputs = [result["bundle_dir"]]
+        summary = {"status": "bundle", "reason": result["reason"], "bundle": result["bundle_dir"],
+                   "bundle_tar": result.get("bundle_tar")}
+    if openvino_version() is not None:
+        engine = build(cpu_form, "openvino-cpu", out, checkpoint=checkpoint, progress=False, require_export=True)
+        summary["openvino"] = engine["engines"][0]
+        outputs.append(engine["engines"][0]["engine"])
+    return outputs, summary
 
 
 def _bench_stage(run: Path, checkpoint: str, iterations: int, progress: bool, log):
@@ -193,6 +205,8 @@ def format_summary(summary: dict) -> str:
     else:
         lines.append(f"engine: NO ENGINE WAS BUILT ({engine['reason']})")
         lines.append(f"  deployment bundle: {engine['bundle']}")
+    if engine.get("openvino"):
+        lines.append(f"OpenVINO engine (CPU form, parity passed): {engine['openvino']['engine']}")
     lines.append("bench (batch 1, this machine):")
     for name, row in summary["bench"]["backends"].items():
         if row.get("p50_ms") is None:

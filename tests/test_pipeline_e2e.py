@@ -50,9 +50,13 @@ def test_pipeline_runs_every_stage_and_skips_unchanged_ones(tmp_path):
     assert all(info["verdict"] == "passed" for info in ledger["export"]["summary"]["onnx"].values())
     bundle = ledger["engine"]["summary"]["bundle"]
     assert os.path.isdir(bundle) and os.path.exists(os.path.join(bundle, "build_on_device.sh"))
+    openvino = ledger["engine"]["summary"]["openvino"]  # a real engine, compiled and parity-checked here
+    receipt = json.loads(open(openvino["receipt"]).read())
+    assert receipt["runtime"] == "openvino" and receipt["built"] and receipt["parity"]["passed"]
     bench = json.loads((run / "bench" / "bench.json").read_text())
     names = {b["name"] for b in bench["backends"]}
-    assert names >= {"torch-fp32", "torch-ghost", "ort-ghost", "ort-ghost-int4", "ort-ghost-cpu", "ort-teacher-fp32"}, names
+    assert names >= {"torch-fp32", "torch-ghost", "ort-ghost", "ort-ghost-int4", "ort-ghost-cpu", "ort-teacher-fp32",
+                     "ov-ghost-cpu", "ov-engine-ghost-cpu-openvino-cpu"}, names
     assert all(b["accuracy"] is not None for b in bench["backends"] if b["status"] == "ok"), "mAP missing for a backend"
     assert (run / "bench" / "report.md").exists()
 

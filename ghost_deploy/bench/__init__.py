@@ -9,6 +9,7 @@ See docs/bench.md.
 from ghost_deploy.bench.backends import (
     Backend,
     BackendUnavailable,
+    OpenVinoBackend,
     OrtBackend,
     TorchBackend,
     TrtBackend,
@@ -19,7 +20,7 @@ from ghost_deploy.bench.run import FORMAT, artifacts_from_run, normalise_artifac
 from ghost_deploy.bench.timing import WarmupPolicy
 
 __all__ = [
-    "Backend", "BackendUnavailable", "OrtBackend", "TorchBackend", "TrtBackend", "backends_from_artifacts",
+    "Backend", "BackendUnavailable", "OpenVinoBackend", "OrtBackend", "TorchBackend", "TrtBackend", "backends_from_artifacts",
     "compare_results", "format_comparison", "load_result", "FORMAT", "artifacts_from_run", "normalise_artifacts",
     "run_bench", "WarmupPolicy",
 ]

@@ -14,15 +14,18 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from ghost_deploy.bench.prepost import head_outputs
 from ghost_deploy.bench.sizes import onnx_precision
 from ghost_deploy.checkpoint import model_from_checkpoint, read_meta
 from ghost_deploy.contract import metadata_key
+from ghost_deploy.engines.openvino import OpenVinoRunner, OpenVinoUnavailable, openvino_form, openvino_version
 from ghost_deploy.engines.trt import EngineRunner, TensorRTUnavailable
 from ghost_deploy.errors import UserError
 from ghost_deploy.export.reference import TorchRunner
+from ghost_deploy.onnx_graph import onnx_metadata
 from ghost_deploy.parity.runners import OrtRunner, Runner
 
 
@@ -244,19 +247,67 @@ class TrtBackend(Backend):
         return low[0] if low[0] == high[0] else None
 
 
-def backends_from_artifacts(artifacts: dict, threads: int | None = None, device: str = "cpu") -> list[Backend]:
+class OpenVinoBackend(Backend):
+    """OpenVINO on the CPU: a CPU-form or FP32 ONNX compiled at load, or an engine blob from
+    `build-engine --target openvino-cpu` (imported with its receipt's precision)."""
+
+    kind = "openvino"
+
+    def __init__(self, path: str | os.PathLike, label: str | None = None, threads: int | None = None,
+                 inference_precision: str = "f32"):
+        path = _require_file(Path(path), "ONNX or engine")
+        is_engine = path.suffix.lower() not in (".onnx", ".xml")
+        precision = "engine" if is_engine else onnx_precision(path)
+        super().__init__(label or f"ov-{path.stem}", precision, {"engine" if is_engine else "onnx": path})
+        self.path, self.threads, self.inference_precision = path, threads, inference_precision
+
+    def _open(self) -> Runner:
+        try:
+            if self.path.suffix.lower() in (".onnx", ".xml"):
+                form, _ = openvino_form(onnx.load(str(self.path)))
+                return OpenVinoRunner(self.path, self.threads, inference_precision=self.inference_precision, model=form)
+            return OpenVinoRunner(self.path, self.threads, inference_precision=self.inference_precision)
+        except OpenVinoUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+
+    def static_batch(self) -> int | None:
+        return _static_dims(self.runner.input_shapes)[0] if self.runner else None
+
+
+def _engine_runtime(path: Path) -> str:
+    """'openvino' or 'tensorrt', from the receipt beside the engine (TensorRT when there is none)."""
+    receipt = path.with_suffix(".receipt.json")
+    try:
+        return json.loads(receipt.read_text(encoding="utf-8")).get("runtime", "tensorrt")
+    except (OSError, ValueError, AttributeError):
+        return "tensorrt"
+
+
+def _openvino_computes(path: str) -> bool:
+    """OpenVINO is run on the forms it is proven on (docs/engines.md): the CPU form and FP32 exports."""
+    meta = onnx_metadata(path)
+    return meta is not None and (meta.precision == "fp32" or (meta.target == "cpu" and not meta.int4_weights))
+
+
+def backends_from_artifacts(artifacts: dict, threads: int | None = None, device: str = "auto") -> list[Backend]:
     """Backends for an artifacts dict: `checkpoints` (teacher first, then GHOST), `onnx`, `engines` (lists of paths).
 
-    Every checkpoint runs as PyTorch (FP32 or fake-quant, as it holds), every ONNX with ONNX Runtime on
-    the CPU, every engine with TensorRT. Names stay unique (a suffix is added on collisions).
+    Every checkpoint runs as PyTorch (FP32 or fake-quant, as it holds), every ONNX with ONNX Runtime on the CPU
+    and, where OpenVINO is installed and proven on that form, with OpenVINO too (`ov-*`); every engine with the
+    runtime its receipt names (TensorRT or OpenVINO). Names stay unique (a suffix is added on collisions).
     """
     backends: list[Backend] = []
     for path in artifacts.get("checkpoints", []):
         backends.append(TorchBackend(path, fake_quant=None, device=device, threads=threads))
     for path in artifacts.get("onnx", []):
         backends.append(OrtBackend(path, threads=threads))
+    if openvino_version() is not None:
+        backends += [OpenVinoBackend(path, threads=threads) for path in artifacts.get("onnx", []) if _openvino_computes(path)]
     for path in artifacts.get("engines", []):
-        backends.append(TrtBackend(path))
+        if _engine_runtime(Path(path)) == "openvino":
+            backends.append(OpenVinoBackend(path, label=f"ov-engine-{Path(path).stem}", threads=threads))
+        else:
+            backends.append(TrtBackend(path))
     seen: dict[str, int] = {}
     for backend in backends:
         count = seen.get(backend.name, 0)

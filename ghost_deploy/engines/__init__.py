@@ -1,9 +1,12 @@
-"""Engine stage (torch-free): ONNX -> TensorRT engine(s) verified against the parity set, or a bundle.
+"""Engine stage (torch-free): ONNX -> engine(s) verified against the parity set, or a bundle.
 
-`build()` is what `ghost-deploy build-engine` calls. With TensorRT and a GPU that matches the target it
-builds the engine (plus one per requested DLA core), checks each against the parity set, and keeps an
-engine only if it passes (else `<name>.FAILED.engine` and ParityError). Otherwise it writes a deployment
-bundle, says plainly that no engine was built and why, and returns status 'bundle'.
+`build()` is what `ghost-deploy build-engine` calls. Each target's compiler takes the export form it is proven
+on (`TargetProfile.export_form`); another form is refused with one line naming the export to use, or, for
+OpenVINO given the TensorRT form, replaced by the matching CPU form beside it. An OpenVINO target compiles here.
+A TensorRT target with TensorRT and a GPU that matches builds the engine (plus one per requested DLA core).
+Every engine is checked against the parity set with the target's engine budgets and kept only if it passes
+(else `<name>.FAILED.engine` and ParityError). Where TensorRT or the target is absent, a deployment bundle is
+written instead, and the result says plainly that no engine was built and why (status 'bundle').
 """
 from __future__ import annotations
 
@@ -11,7 +14,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ghost_deploy.contract import metadata_key
+import onnx
+
+from ghost_deploy.contract import OnnxMetadata, metadata_key
+from ghost_deploy.engines import openvino
 from ghost_deploy.engines.bundle import BUNDLE_TARGET, run_bundle_parity, write_bundle
 from ghost_deploy.engines.receipt import (
     file_hashes,
@@ -25,7 +31,7 @@ from ghost_deploy.engines.targets import list_targets, load_target, resolve_targ
 from ghost_deploy.engines.trt import EngineRunner, build_engine
 from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.io import sha256_file
-from ghost_deploy.onnx_graph import read_metadata_props
+from ghost_deploy.onnx_graph import check_binding, read_metadata_props
 from ghost_deploy.parity.compare import Budgets
 from ghost_deploy.parity.gate import run_parity
 from ghost_deploy.parity.parityset import load_parity_set
@@ -72,11 +78,117 @@ def _onnx_installed() -> bool:
 
 
 def _check_pairing(onnx_path: Path, parity_set, parity_path: Path) -> None:
-    """The parity set must be the one made for this very ONNX file (export records the ONNX's sha256 in it)."""
-    expected = parity_set.meta.onnx_sha256
-    if expected and expected != sha256_file(onnx_path):
-        raise UserError(onnx_path, f"does not match its parity set {parity_path.name} (sha256 differs from the ONNX "
-                                   "export paired it with): the ONNX was edited after export, or the parity set is another model's")
+    """The parity set must be the one made for this very ONNX. Export records the graph's content hash in it
+    (nodes, initializers, opsets, I/O names and types), so a tool that only adds shape information keeps the
+    pairing; sets written before that record the file's sha256."""
+    meta, metadata = parity_set.meta, read_metadata_props(onnx_path)
+    graph_hash = metadata.get(OnnxMetadata.HASH_KEY)
+    if meta.graph_sha256 and graph_hash:
+        check_binding(onnx_path, onnx.load(str(onnx_path)), metadata)  # the metadata itself is not edited
+        if meta.graph_sha256 == graph_hash:
+            return
+    elif not meta.onnx_sha256 or meta.onnx_sha256 == sha256_file(onnx_path):
+        return
+    raise UserError(onnx_path, f"does not match its parity set {parity_path.name} (the graph differs from the one "
+                               "export paired it with): the ONNX was edited after export, or the parity set is another model's")
+
+
+def _form_for(profile, onnx_path: Path, metadata: dict[str, str]) -> Path:
+    """The export this target's compiler is proven on: `onnx_path` itself, or for OpenVINO the matching CPU form
+    beside a TensorRT form; anything else is refused (exit 2) with the export to use."""
+    if not OnnxMetadata.is_ours(metadata):
+        return onnx_path  # a foreign ONNX through the Python API (the CLI refuses it earlier)
+    meta = OnnxMetadata.from_strings(metadata, source=onnx_path)
+    if meta.precision == "fp32":
+        return onnx_path
+    if meta.int4_weights:
+        raise UserError(onnx_path, f"INT4-weight export: {profile.name} has no INT4 convolution (TensorRT's INT4 is "
+                        "weight-only GEMM block quantization); build from the INT8 export "
+                        f"(`ghost-deploy export --onnx CKPT{' --target cpu' if profile.runtime == 'openvino' else ''}`)")
+    if meta.target == profile.export_form:
+        return onnx_path
+    if profile.runtime == "tensorrt":
+        raise UserError(onnx_path, "this is the ONNX Runtime CPU form (uint8 activations, zero point 128), which "
+                        "TensorRT's ONNX parser rejects; build from the TensorRT form (`ghost-deploy export --onnx CKPT`)")
+    sibling = _matching_cpu_form(onnx_path, meta)
+    if sibling is None:
+        raise UserError(onnx_path, "this is the TensorRT form (int8 activations), which OpenVINO computes wrongly "
+                        "(docs/engines.md); export the CPU form (`ghost-deploy export --onnx CKPT --target cpu`) and "
+                        "build from it")
+    print(f"{onnx_path.name} is the TensorRT form; building {profile.name} from the matching CPU form {sibling.name}")
+    return sibling
+
+
+def _matching_cpu_form(onnx_path: Path, meta: OnnxMetadata) -> Path | None:
+    """A CPU-form export beside `onnx_path` of the same checkpoint (its sha256) and the same bit plan."""
+    if not meta.checkpoint_sha256:
+        return None
+    for candidate in sorted(onnx_path.parent.glob("*.onnx")):
+        props = read_metadata_props(candidate) if candidate != onnx_path else {}
+        if not OnnxMetadata.is_ours(props):
+            continue
+        other = OnnxMetadata.from_strings(props, source=candidate)
+        if other.target == "cpu" and not other.int4_weights and other.checksum_of_plan() == meta.checksum_of_plan() \
+                and other.checkpoint_sha256 == meta.checkpoint_sha256:
+            return candidate
+    return None
+
+
+def engine_budgets(profile, parity_set, override: dict | None = None) -> Budgets:
+    """The parity set's budgets with the target's engine allowance over them (docs/engines.md), or `override`."""
+    if override is not None:
+        return Budgets.from_dict(override)
+    return Budgets.from_dict({**(parity_set.meta.budgets or {}), **profile.parity})
+
+
+def check_parity_inputs(onnx_path: Path, parity_set) -> None:
+    """The parity inputs must fit the ONNX's inputs (names, rank, fixed dims, float32): the device would reject them."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    declared = {i.name: i for i in model.graph.input if i.name not in initializers}
+    for name, array in parity_set.inputs.items():
+        if name not in declared:
+            raise UserError(parity_set.path, f"parity input '{name}' is not an input of {onnx_path.name} "
+                                             f"(its inputs: {sorted(declared)})")
+        tensor_type = declared[name].type.tensor_type
+        if tensor_type.elem_type != onnx.TensorProto.FLOAT or array.dtype != "float32":
+            raise UserError(parity_set.path, f"parity input '{name}' is {array.dtype}; {onnx_path.name} takes float32")
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if len(dims) != array.ndim or any(d is not None and d != n for d, n in zip(dims[1:], array.shape[1:])):
+            raise UserError(parity_set.path, f"parity input '{name}' has shape {list(array.shape)}; {onnx_path.name} "
+                                             f"takes {['N' if d is None else d for d in dims]}")
+
+
+def _build_openvino(onnx_path, out_dir, name, profile, parity_set, hashes, bit_plan, budgets) -> dict:
+    """Compile with OpenVINO, import the saved blob and run the parity set through it, keep it only if it passes."""
+    if openvino.openvino_version() is None:
+        raise UserError("--target", f"{profile.name} needs OpenVINO: pip install openvino (or ghost-deploy[openvino])")
+    engine_path = out_dir / f"{name}.engine"
+    unverified = out_dir / f".{name}.unverified.engine"
+    facts = openvino.compile_engine(onnx_path, unverified, threads=profile.threads,
+                                    inference_precision=profile.inference_precision, batch=profile.default_batch)
+    try:
+        with openvino.load_engine(unverified, profile.threads, inference_precision=profile.inference_precision) as runner:
+            report = run_parity(parity_set, runner, budgets)  # the blob as saved is what is checked
+        final = engine_path if report.passed else engine_path.with_name(f"{name}.FAILED.engine")
+        os.replace(unverified, final)
+    finally:
+        if unverified.exists():
+            unverified.unlink()
+    for stale in (engine_path, engine_path.with_name(f"{name}.FAILED.engine")):
+        if stale != final and stale.exists():
+            stale.unlink()
+            stale.with_suffix(".receipt.json").unlink(missing_ok=True)
+    build = facts | {"engine_path": str(final), "built_from": str(onnx_path)}
+    receipt = make_receipt(target=profile.to_dict(), hashes=hashes | {"engine": facts["engine_sha256"]},
+                           bit_plan=bit_plan, environment=openvino.environment(), build=build, parity=report.to_dict())
+    receipt_path = final.with_suffix(".receipt.json")
+    write_receipt(receipt_path, receipt)
+    print(report.format_table())
+    if not report.passed:
+        raise ParityError(f"{final}: engine failed parity: " + "; ".join(report.failures), report.to_dict())
+    return {"engine": str(final), "receipt": str(receipt_path), "dla_core": None, "parity": report.to_dict(),
+            "warnings": []}
 
 
 def _dla_cores(dla_core) -> list[int]:
@@ -133,6 +245,9 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
         raise UserError(onnx_path, "not a ghost-deploy export (no ghost.format metadata): build engines from "
                                    "the ONNX `ghost-deploy export` wrote")
     profile = resolve_target(target)
+    chosen = _form_for(profile, onnx_path, metadata)
+    if chosen != onnx_path:
+        onnx_path, metadata, parity_set = chosen, read_metadata_props(chosen), None
     cores = _dla_cores(dla_core)
     if cores and profile.dla_cores and max(cores) >= profile.dla_cores:
         raise UserError(profile.source_path, f"{profile.name} has {profile.dla_cores} DLA core(s); asked for {cores}")
@@ -142,8 +257,9 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     if not parity_path.is_file():
         raise UserError(parity_path, "parity set not found (export writes it beside the ONNX; or pass --parity-set)")
     loaded = load_parity_set(parity_path)
-    budget = Budgets.from_dict(budgets if budgets is not None else loaded.meta.budgets)
+    budget = engine_budgets(profile, loaded, budgets)
     _check_pairing(onnx_path, loaded, parity_path)
+    check_parity_inputs(onnx_path, loaded)
     bit_plan = read_bit_plan(onnx_path, metadata)
     hashes = file_hashes(checkpoint=checkpoint, onnx=onnx_path, parity_set=parity_path)
     stamped = metadata.get(metadata_key("checkpoint_sha256"))
@@ -151,6 +267,10 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
         hashes["checkpoint"] = stamped
     hashes["engine"] = None
     name = name or f"{onnx_path.stem}-{profile.name}"
+    if profile.runtime == "openvino":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        engine = _build_openvino(onnx_path, out_dir, name, profile, loaded, hashes, bit_plan, budget)
+        return {"status": "engine", "engines": [engine], "exit_code": 0}
     env = observe_environment() if environment is None else environment
     reason = why_no_engine(profile, env)
 

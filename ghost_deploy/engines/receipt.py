@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ghost_deploy.bitplan import BitPlan
 from ghost_deploy.contract import OnnxMetadata, Receipt
+from ghost_deploy.engines.openvino import verify_runtime as openvino_verify_runtime
 from ghost_deploy.engines.targets import detect_jetson, read_device_tree_model
 from ghost_deploy.engines.trt import trt_version
 from ghost_deploy.errors import UserError
@@ -138,7 +139,9 @@ def make_receipt(*, target: dict, hashes: dict, bit_plan: BitPlan | None, enviro
                  build: dict | None = None, parity: dict | None = None, extra: dict | None = None) -> Receipt:
     """Assemble a receipt; `build` None means a partial receipt (no engine yet)."""
     facts = None
-    if build is not None:
+    if build is not None and build.get("runtime") == "openvino":
+        facts = {key: build[key] for key in Receipt.BUILD_KEYS if key in build}
+    elif build is not None:
         facts = {
             "tensorrt_version": build["tensorrt_version"], "trt_world": build["trt_world"],
             "flags": build["flags"], "dla_core": build["dla_core"], "build_seconds": build["build_seconds"],
@@ -148,7 +151,8 @@ def make_receipt(*, target: dict, hashes: dict, bit_plan: BitPlan | None, enviro
         }
     return Receipt(created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), target=target, hashes=hashes,
                    environment=environment, bit_plan=bit_plan, parity=parity, build=facts,
-                   engine=None if build is None else Path(build["engine_path"]).name, extra=dict(extra or {}))
+                   engine=None if build is None else Path(build["engine_path"]).name,
+                   runtime=(build or {}).get("runtime", "tensorrt"), extra=dict(extra or {}))
 
 
 def write_receipt(path, receipt: Receipt) -> None:
@@ -175,6 +179,8 @@ def verify_runtime(receipt_path, environment: dict | None = None) -> list[str]:
     receipt = load_receipt(receipt_path)
     if not receipt.built:
         return [f"{receipt_path}: no engine was built (partial receipt); build it on the device first"]
+    if receipt.runtime == "openvino":
+        return openvino_verify_runtime(receipt.build, environment)
     env = observe_environment() if environment is None else environment
     problems = []
     built_trt, have_trt = receipt.build.get("tensorrt_version"), env.get("tensorrt_version")

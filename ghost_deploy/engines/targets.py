@@ -18,20 +18,32 @@ DEFAULT_JETSON = "jetson-agx-orin"
 DEVICE_TREE_MODEL_FILES = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model")
 REQUIRED_KEYS = ("name", "kind", "compute_capability", "tensorrt_majors", "dla_cores",
                  "memory_budget_mb", "workspace_mb", "default_batch", "default_imgsz")
+OPENVINO_REQUIRED_KEYS = ("name", "kind", "default_batch")
+KINDS = ("jetson", "dgpu", "openvino")
+# The export form each runtime is proven on (docs/engines.md, "Which form for which compiler"): TensorRT takes
+# signed int8 activations with zero point 0 (its parser rejects other zero points); OpenVINO computes the
+# TensorRT form wrongly and the CPU form (uint8 activations) right.
+EXPORT_FORMS = {"tensorrt": "trt", "openvino": "cpu"}
 
 
 @dataclass
 class TargetProfile:
     name: str
-    kind: str  # "jetson" or "dgpu"
-    compute_capability: str | None
-    tensorrt_majors: list[int]
-    dla_cores: int
-    memory_budget_mb: int
-    workspace_mb: int
-    default_batch: int
-    default_imgsz: int
+    kind: str  # "jetson", "dgpu" (TensorRT) or "openvino" (OpenVINO on this CPU)
+    compute_capability: str | None = None
+    tensorrt_majors: list[int] = field(default_factory=list)
+    dla_cores: int = 0
+    memory_budget_mb: int = 0
+    workspace_mb: int = 0
+    default_batch: int = 1
+    default_imgsz: int = 640
     description: str = ""
+    # Engine parity budgets over the parity set's own (compare.Budgets keys): a compiled engine requantizes with
+    # its own rounding, so it is held to the exact reference with the allowance written here (docs/engines.md)
+    parity: dict = field(default_factory=dict)
+    inference_precision: str = "f32"  # OpenVINO: precision of the float layers
+    threads: int | None = None  # OpenVINO: inference threads (None: the plugin's default)
+    dla_max_tensorrt: dict = field(default_factory=dict)  # TensorRT majors and the last minor of each with DLA
     compute_capability_aliases: list[str] = field(default_factory=list)
     tensorrt_tested: list[str] = field(default_factory=list)
     jetpack: list[str] = field(default_factory=list)
@@ -43,6 +55,15 @@ class TargetProfile:
     @property
     def is_jetson(self) -> bool:
         return self.kind == "jetson"
+
+    @property
+    def runtime(self) -> str:
+        return "openvino" if self.kind == "openvino" else "tensorrt"
+
+    @property
+    def export_form(self) -> str:
+        """The export form (`ghost.target`) this target's compiler is proven on."""
+        return EXPORT_FORMS[self.runtime]
 
     def accepts_compute_capability(self, sm: str | None) -> bool:
         """True when a GPU with this SM can run engines built for the profile (None profile SM = any)."""
@@ -77,15 +98,19 @@ def _parse_profile(path: Path) -> TargetProfile:
         raise UserError(path, f"cannot read target profile ({exc})") from None
     if not isinstance(data, dict):
         raise UserError(path, "target profile must be a YAML mapping")
-    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if data.get("kind") not in KINDS:
+        raise UserError(path, f"kind must be one of {', '.join(KINDS)}, not {data.get('kind')!r}")
+    missing = [k for k in (OPENVINO_REQUIRED_KEYS if data["kind"] == "openvino" else REQUIRED_KEYS) if k not in data]
     if missing:
         raise UserError(path, f"target profile lacks {missing}")
     known = set(TargetProfile.__dataclass_fields__) - {"source_path"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(path, f"target profile has unknown keys {unknown}")
-    if data["kind"] not in ("jetson", "dgpu"):
-        raise UserError(path, f"kind must be 'jetson' or 'dgpu', not {data['kind']!r}")
+    if not isinstance(data.get("parity", {}), dict):
+        raise UserError(path, "parity must be a mapping of parity budgets")
+    if data["kind"] == "openvino":
+        return TargetProfile(**data, source_path=str(path))
     majors = data["tensorrt_majors"]
     if not isinstance(majors, list) or not majors or not all(m in (10, 11) for m in majors):
         raise UserError(path, f"tensorrt_majors must be a non-empty list of 10 and/or 11, not {majors!r}")

@@ -210,7 +210,8 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     for old in ([out_path, paths["parity"]] if not passed else [paths["failed"]]):
         _remove_if_ours(old)
     onnx_sha = sha256_file(final)
-    parity_path, parity_sha = _save_parity_set(gate, paths["parity"], onnx_sha) if passed else (None, None)
+    parity_path, parity_sha = _save_parity_set(gate, paths["parity"], onnx_sha,
+                                                 metadata[OnnxMetadata.HASH_KEY]) if passed else (None, None)
     built.timings["total_s"] = round(time.perf_counter() - started, 3)
     report = export_report(built, checks, gate, options, checkpoint_path, final, onnx_sha, parity_path, parity_sha,
                            metadata, passed)
@@ -317,7 +318,7 @@ def run_export_gate(built: BuiltExport, checks: GraphChecks, options: ExportOpti
     return gate
 
 
-def _save_parity_set(gate: GateOutcome, path: Path, onnx_sha: str):
+def _save_parity_set(gate: GateOutcome, path: Path, onnx_sha: str, graph_sha: str):
     if gate.parity_set is None:
         return None, None
     parity_set = gate.parity_set
@@ -327,6 +328,7 @@ def _save_parity_set(gate: GateOutcome, path: Path, onnx_sha: str):
                                      "its integer codes exactly (exact arithmetic, as TensorRT's INT8 convs)")
     parity_set.meta.arithmetic = gate.arithmetic
     parity_set.meta.onnx_sha256 = onnx_sha
+    parity_set.meta.graph_sha256 = graph_sha
     return path, save_parity_set(path, parity_set.inputs, parity_set.outputs, parity_set.meta)
 
 
