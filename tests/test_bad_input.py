@@ -396,7 +396,7 @@ def test_export_bad_parity_dataset(fx, tmp_path):
 # ------------------------------------------------------------------------------------------ build-engine
 BAD_ONNX = {
     "foreign": "not a ghost-deploy export (no ghost.format metadata)",
-    "edited": "does not match its parity set model.parity.npz (sha256 differs",
+    "edited": "graph or ghost.* metadata changed after export (hash mismatch)",
     "corrupt": "cannot read ONNX",
 }
 

@@ -108,7 +108,11 @@ def test_targets_load_and_resolve():
     assert set(list_targets()) >= {"jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "jetson-thor", "x86-gpu"}
     for name in list_targets():
         profile = load_target(name)
-        assert profile.name == name and profile.tensorrt_majors and profile.workspace_mb > 0
+        assert profile.name == name
+        if profile.runtime == "tensorrt":
+            assert profile.tensorrt_majors and profile.workspace_mb > 0 and profile.export_form == "trt"
+            assert profile.tensorrt_tested == []  # nothing here ever ran TensorRT
+    assert load_target("openvino-cpu").export_form == "cpu"
     orin = load_target("jetson-orin-nx")
     assert orin.compute_capability == "8.7" and orin.tensorrt_majors == [10]
     thor = load_target("jetson-thor")
@@ -155,7 +159,9 @@ def test_bundle_is_complete(model, tmp_path):
     result = build(model, "jetson-agx-orin", tmp_path, dla_core=0, environment=NO_TRT_HERE)
     assert result["status"] == "bundle" and result["exit_code"] == 0 and "not installed" in result["reason"]
     bundle = Path(result["bundle_dir"])
-    assert sorted(p.name for p in bundle.iterdir()) == sorted(BUNDLE_FILES)
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "wheels", "targets"])
+    wheels = list((bundle / "wheels").glob("ghost_deploy-*.whl"))  # the package is on no index: it travels along
+    assert len(wheels) == 1 and (bundle / "targets" / "jetson-agx-orin.yaml").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
     receipt = json.loads((bundle / "receipt.partial.json").read_text())
     assert receipt["built"] is False and receipt["engine"] is None and receipt["hashes"]["engine"] is None
@@ -168,12 +174,13 @@ def test_bundle_is_complete(model, tmp_path):
     assert "--memPoolSize=workspace:4096M" in trtexec and "--useDLACore=0 --allowGPUFallback" in trtexec
     assert "--shapes=rgb:1x3x32x32" in trtexec  # the ONNX has a dynamic batch
     command_11 = trtexec.split("## TensorRT 11.x")[1].split("```")[1]
-    assert "--stronglyTyped" in command_11 and "--int8" not in command_11 and "--fp16" not in command_11
+    assert "--noTF32" in command_11 and "--int8" not in command_11 and "--fp16" not in command_11
     script = bundle / "build_on_device.sh"
     assert script.stat().st_mode & 0o111
     assert ("ghost-deploy build-engine --onnx model.onnx --target jetson-agx-orin --parity-set parity.npz "
             "--require-engine") in script.read_text()
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert f"pip install --no-deps \"wheels/{wheels[0].name}\"" in script.read_text()
     assert "NO ENGINE WAS BUILT" in (bundle / "README.txt").read_text()
     with tarfile.open(result["bundle_tar"]) as archive:
         names = {Path(n).name for n in archive.getnames()}

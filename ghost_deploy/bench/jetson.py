@@ -19,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from ghost_deploy.engines.receipt import NV_TEGRA_RELEASE, read_l4t_release
-from ghost_deploy.engines.targets import read_device_tree_model
+from ghost_deploy.engines.receipt import read_l4t_release
+from ghost_deploy.engines.targets import NV_TEGRA_RELEASE, read_device_tree_model
 
 BOARD_RAILS = ("VDD_IN", "POM_5V_IN")  # whole-module input rail, first match wins
 _RAIL = re.compile(r"\b([A-Z][A-Z0-9_]+)\s+(\d+)(?:mW)?/(\d+)(?:mW)?")

@@ -43,7 +43,11 @@ class _StageGroup(click.Group):
         if name in self.lazy and name not in self.commands:
 
             module, attribute = self.lazy[name]
-            self.add_command(getattr(importlib.import_module(module), attribute), name)
+            try:
+                command = getattr(importlib.import_module(module), attribute)
+            except ImportError as exc:  # an engine-stage-only install (a bundle on a Jetson) has no PyTorch
+                command = _missing_dependency(name, exc)
+            self.add_command(command, name)
         return super().get_command(ctx, name)
 
 
@@ -71,6 +75,15 @@ def main(debug: bool) -> None:
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning (e.g. bad samples skipped) as one `warning: ...` line on stderr; --debug keeps Python's format."""
     click.echo(f"warning: {message}", err=True)
+
+
+def _missing_dependency(name: str, error: ImportError) -> click.Command:
+    def refuse():
+        raise click.ClickException(f"{name} needs {error.name or 'a missing package'} ({error}); pip install torch "
+                                   "and ghost-deploy with its dependencies")
+
+    return click.Command(name, callback=refuse, help=f"(unavailable here: {error.name} is not installed)",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ Also holds the parity check shared by the engine build and the bundle: parity se
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -19,6 +22,7 @@ import onnx
 
 from ghost_deploy import __version__
 from ghost_deploy.contract import Receipt
+from ghost_deploy.engines.targets import targets_dir
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from ghost_deploy.parity.compare import Budgets, ParityReport
@@ -33,6 +37,9 @@ BUNDLE_SCRIPT = "build_on_device.sh"
 BUNDLE_TRTEXEC = "TRTEXEC.md"
 BUNDLE_README = "README.txt"
 BUNDLE_TIMING_CACHE = "timing.cache"
+BUNDLE_WHEELS = "wheels"
+BUNDLE_TARGETS = "targets"
+ENGINE_STAGE_DEPS = "numpy click pyyaml onnx"
 BUNDLE_FILES = (BUNDLE_ONNX, BUNDLE_PARITY, BUNDLE_TARGET, BUNDLE_RECEIPT, BUNDLE_SCRIPT, BUNDLE_TRTEXEC, BUNDLE_README)
 
 
@@ -55,14 +62,16 @@ def trtexec_commands(profile, *, dla_core: int | None, input_dims: dict[str, lis
     """The equivalent trtexec command line(s) per TensorRT major (10: weak or strong typing; 11: strong only)."""
     batch = batch or profile.default_batch
     common = [f"--memPoolSize=workspace:{profile.workspace_mb}M", f"--timingCacheFile={BUNDLE_TIMING_CACHE}",
-              "--builderOptimizationLevel=3", "--profilingVerbosity=detailed", "--exportLayerInfo=model.layers.json"]
+              "--builderOptimizationLevel=3", "--profilingVerbosity=detailed", "--exportLayerInfo=model.layers.json",
+              "--noTF32"]  # as build_on_device.sh builds: TF32 would round float layers' inputs (NvInfer.h kTF32)
     if any(None in dims for dims in input_dims.values()):
         common.append(f"--shapes={_shape_spec(input_dims, batch, profile.default_imgsz)}")
     if dla_core is not None:
         common += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
     base = f"trtexec --onnx={BUNDLE_ONNX} --saveEngine=model.engine"
+    # trtexec 11 stops at --int8/--fp16 ("Unknown option") and takes --stronglyTyped as a no-op: no precision flag
     return {10: [" ".join([base, "--int8", "--fp16", *common]), " ".join([base, "--stronglyTyped", *common])],
-            11: [" ".join([base, "--stronglyTyped", *common])]}
+            11: [" ".join([base, *common])]}
 
 
 def _trtexec_markdown(profile, commands: dict[int, list[str]]) -> str:
@@ -78,17 +87,22 @@ def _trtexec_markdown(profile, commands: dict[int, list[str]]) -> str:
     if 11 in profile.tensorrt_majors:
         lines += ["## TensorRT 11.x (JetPack >= 7.2.2 with TensorRT >= 11.4.1)", "",
                   "Networks are always strongly typed; 11.x removed --int8, --fp16, --best and --calib",
-                  "(--stronglyTyped is accepted as a no-op):", "", "```", commands[11][0], "```", ""]
+                  "(they stop trtexec with \"Unknown option\"; --stronglyTyped is a no-op):", "", "```",
+                  commands[11][0], "```", ""]
     lines += ["Check the result: `--exportLayerInfo` lists every layer's precision; Q/DQ convolutions should be INT8."]
     return "\n".join(lines) + "\n"
 
 
-def _script(target_arg: str, dla_core: int | None, package_spec: str, has_timing_cache: bool) -> str:
+def _script(target_arg: str, dla_core: int | None, package_spec: str, has_timing_cache: bool, wheel: str | None) -> str:
     extra = [f"--dla-core {dla_core}"] if dla_core is not None else []
     if has_timing_cache:
         extra.append(f"--timing-cache {BUNDLE_TIMING_CACHE}")
     command = (f"ghost-deploy build-engine --onnx {BUNDLE_ONNX} --target {shlex.quote(target_arg)} "
                f"--parity-set {BUNDLE_PARITY} --require-engine --out . {' '.join(extra)}").strip()
+    # the engine stage is torch-free: the bundle's own wheel without its dependencies, then only what that stage
+    # imports (TensorRT and its CUDA bindings come with JetPack / the TensorRT container)
+    install = (f'python3 -m pip install --no-deps "{BUNDLE_WHEELS}/{wheel}" && python3 -m pip install {ENGINE_STAGE_DEPS}'
+               if wheel else f'python3 -m pip install "${{GHOST_DEPLOY_PIP_SPEC:-{package_spec}}}"')
     return f"""#!/usr/bin/env bash
 # Build and verify the TensorRT engine on the device itself (engines are bound to its TensorRT and GPU).
 # Writes <name>.engine and <name>.receipt.json here, or <name>.FAILED.engine and exits 1 if parity fails.
@@ -100,14 +114,31 @@ if ! python3 -c "import tensorrt" 2>/dev/null; then
   exit 1
 fi
 if ! command -v ghost-deploy >/dev/null 2>&1; then
-  if [ -f /etc/nv_tegra_release ]; then
-    python3 -m pip install "${{GHOST_DEPLOY_PIP_SPEC:-{package_spec}}}"   # TensorRT comes from JetPack
-  else
-    python3 -m pip install "${{GHOST_DEPLOY_PIP_SPEC:-{package_spec.replace('ghost-deploy', 'ghost-deploy[trt]', 1)}}}"
-  fi
+  {install}
 fi
+export GHOST_DEPLOY_TARGETS_DIR="${{GHOST_DEPLOY_TARGETS_DIR:-$PWD/{BUNDLE_TARGETS}}}"
 {command} "$@"
 """
+
+
+@functools.lru_cache(maxsize=1)
+def _project_wheel() -> Path | None:
+    """A wheel of this ghost-deploy: GHOST_DEPLOY_WHEEL, else built once from the source tree (pip wheel
+    --no-deps); None where neither exists (an install from an index: the script then installs from one)."""
+    given = os.environ.get("GHOST_DEPLOY_WHEEL")
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise UserError(path, "GHOST_DEPLOY_WHEEL names no wheel file")
+        return path
+    source = Path(__file__).resolve().parents[2]
+    if not (source / "pyproject.toml").is_file():
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="ghost-deploy-wheel-"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(folder), str(source)], capture_output=True, text=True)
+    wheels = sorted(folder.glob("ghost_deploy-*.whl"))
+    return wheels[0] if built.returncode == 0 and wheels else None
 
 
 def _readme(profile, reason: str, dla_core: int | None) -> str:
@@ -122,7 +153,9 @@ the target ({profile.name}: {profile.description}). This folder holds everything
   {BUNDLE_TARGET:<22} the target profile (SM {profile.compute_capability}, TensorRT {profile.tensorrt_majors}.x, workspace {profile.workspace_mb} MB)
   {BUNDLE_RECEIPT:<22} hashes and everything known so far ("built": false)
   {BUNDLE_SCRIPT:<22} run this on the device: builds, checks parity, writes the receipt
-  {BUNDLE_TRTEXEC:<22} the equivalent trtexec commands for TensorRT 10.x and 11.x
+  {BUNDLE_TRTEXEC:<22} the equivalent trtexec commands for the TensorRT majors this target ships ({'/'.join(f"{m}.x" for m in profile.tensorrt_majors)})
+  {BUNDLE_WHEELS + "/":<22} a wheel of ghost-deploy, installed without dependencies (no PyTorch on the device)
+  {BUNDLE_TARGETS + "/":<22} the target profiles (a wheel carries none)
 
 On the device:   bash {BUNDLE_SCRIPT}{f"   (DLA core {dla_core}, GPU fallback on)" if dla_core is not None else ""}
 """
@@ -146,9 +179,15 @@ def write_bundle(onnx_path, parity_set_path, profile, out_dir, *, reason: str, t
         if has_cache:
             shutil.copyfile(timing_cache, staging / BUNDLE_TIMING_CACHE)
         write_json_atomic(staging / BUNDLE_RECEIPT, partial_receipt.to_dict())
+        wheel = _project_wheel()
+        if wheel is not None:
+            (staging / BUNDLE_WHEELS).mkdir()
+            shutil.copyfile(wheel, staging / BUNDLE_WHEELS / wheel.name)
+        shutil.copytree(targets_dir(), staging / BUNDLE_TARGETS)  # a wheel carries no profiles (package data)
         script = staging / BUNDLE_SCRIPT
         write_text_atomic(script, _script(target_arg or profile.name, dla_core,
-                                          package_spec or f"ghost-deploy=={__version__}", has_cache))
+                                          package_spec or f"ghost-deploy=={__version__}", has_cache,
+                                          None if wheel is None else wheel.name))
         script.chmod(0o755)
         commands = trtexec_commands(profile, dla_core=dla_core, input_dims=onnx_input_dims(onnx_path))
         write_text_atomic(staging / BUNDLE_TRTEXEC, _trtexec_markdown(profile, commands))

@@ -8,6 +8,7 @@ TensorRT does, so a version or GPU mismatch gets a plain sentence instead of a d
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,13 +18,11 @@ from pathlib import Path
 from ghost_deploy.bitplan import BitPlan
 from ghost_deploy.contract import OnnxMetadata, Receipt
 from ghost_deploy.engines.openvino import verify_runtime as openvino_verify_runtime
-from ghost_deploy.engines.targets import detect_jetson, read_device_tree_model
+from ghost_deploy.engines.targets import JETSON_TARGET_ENV, NV_TEGRA_RELEASE, detect_jetson, read_device_tree_model
 from ghost_deploy.engines.trt import trt_version
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import sha256_file, write_json_atomic
 from ghost_deploy.onnx_graph import read_metadata_props
-
-NV_TEGRA_RELEASE = "/etc/nv_tegra_release"
 
 
 def read_l4t_release(path: str = NV_TEGRA_RELEASE) -> str | None:
@@ -80,7 +79,8 @@ def observe_environment() -> dict:
         for key, value in (source or {}).items():
             if env.get(key) is None and value not in (None, "", "[N/A]", "N/A"):
                 env[key] = value
-    board = detect_jetson(env["device_tree_model"]) if env["device_tree_model"] else None
+    board = detect_jetson(env["device_tree_model"]) if env["device_tree_model"] or os.environ.get(JETSON_TARGET_ENV) \
+        else None
     if board is not None:
         env["jetson_target"] = board.name
         if env["compute_capability"] is None:  # Jetson nvidia-smi may lack compute_cap; the SoC fixes it

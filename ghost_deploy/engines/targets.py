@@ -15,7 +15,11 @@ from ghost_deploy.errors import UserError
 
 TARGETS_DIR_ENV = "GHOST_DEPLOY_TARGETS_DIR"
 DEFAULT_JETSON = "jetson-agx-orin"
-DEVICE_TREE_MODEL_FILES = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model")
+# /proc/device-tree links into /sys/firmware, which Docker masks by default (moby oci/defaults.go MaskedPaths);
+# jetson-containers' run.sh copies the model string to /tmp/nv_jetson_model and mounts it into the container
+DEVICE_TREE_MODEL_FILES = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model", "/tmp/nv_jetson_model")
+JETSON_TARGET_ENV = "GHOST_DEPLOY_JETSON_TARGET"  # e.g. jetson-orin-nx: names the board where it cannot be seen
+NV_TEGRA_RELEASE = "/etc/nv_tegra_release"
 REQUIRED_KEYS = ("name", "kind", "compute_capability", "tensorrt_majors", "dla_cores",
                  "memory_budget_mb", "workspace_mb", "default_batch", "default_imgsz")
 OPENVINO_REQUIRED_KEYS = ("name", "kind", "default_batch")
@@ -45,7 +49,8 @@ class TargetProfile:
     threads: int | None = None  # OpenVINO: inference threads (None: the plugin's default)
     dla_max_tensorrt: dict = field(default_factory=dict)  # TensorRT majors and the last minor of each with DLA
     compute_capability_aliases: list[str] = field(default_factory=list)
-    tensorrt_tested: list[str] = field(default_factory=list)
+    tensorrt_tested: list[str] = field(default_factory=list)  # TensorRT versions an engine of ours was built with
+    tensorrt_documented: list[str] = field(default_factory=list)  # what NVIDIA documents for the platform
     jetpack: list[str] = field(default_factory=list)
     min_jetpack_for_trt11: str | None = None
     memory_mb: int | None = None
@@ -151,7 +156,11 @@ def read_device_tree_model(paths=DEVICE_TREE_MODEL_FILES) -> str | None:
 
 
 def detect_jetson(model_string: str | None = None) -> TargetProfile | None:
-    """The profile of the Jetson we run on (from the device-tree model string); None off-Jetson."""
+    """The profile of the Jetson we run on: GHOST_DEPLOY_JETSON_TARGET, else the device-tree model string; None
+    off-Jetson (or where the board is hidden: see `resolve_target`)."""
+    override = os.environ.get(JETSON_TARGET_ENV)
+    if override:
+        return load_target(override)
     model = read_device_tree_model() if model_string is None else model_string
     if not model:
         return None
@@ -166,5 +175,10 @@ def detect_jetson(model_string: str | None = None) -> TargetProfile | None:
 def resolve_target(name_or_path: str | os.PathLike, model_string: str | None = None) -> TargetProfile:
     """`jetson` -> the board we run on, else the default Jetson (AGX Orin); anything else -> load_target."""
     if str(name_or_path) == "jetson":
-        return detect_jetson(model_string) or load_target(DEFAULT_JETSON)
+        board = detect_jetson(model_string)
+        if board is None and Path(NV_TEGRA_RELEASE).is_file():  # a Jetson (L4T) whose module we cannot see
+            raise UserError("--target", "this is a Jetson but its board model is hidden (Docker masks /sys/firmware): "
+                            f"set {JETSON_TARGET_ENV}=<profile>, name the target (--target jetson-orin-nx), or mount "
+                            "/tmp/nv_jetson_model (docs/engines.md)")
+        return board or load_target(DEFAULT_JETSON)
     return load_target(name_or_path)

@@ -55,7 +55,7 @@ class BuildResult:
     flags: list[str]
     dla_core: int | None
     layers: list[dict]
-    placement: dict[str, str]  # network layer -> "DLA" | "GPU" (DLA builds only)
+    placement: dict[str, list[str]]  # {"DLA": [...], "GPU": [...]} engine layers as built (DLA builds only)
     input_shapes: dict[str, dict]
     build_seconds: float
     timing_cache: str | None = None
@@ -140,6 +140,62 @@ def _inspect_layers(trt, engine, shapes: dict) -> list[dict]:
     return parse_layer_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
+def dla_unavailable(profile, trt_version: str) -> str | None:
+    """Why this TensorRT has no DLA for `profile`; None when it has (builder.num_DLA_cores still decides).
+    NVIDIA, "Working with DLA" (TensorRT 11.4.1): 10.7 was the last 10.x with DLA; 11.0-11.3 had none; from 11.4.1
+    only Jetson AGX Orin on JetPack >= 7.2.2 (Thor has no DLA; Orin on JetPack 6 stays on 10.x)."""
+    major, minor, patch = (tuple(int(p) for p in re.findall(r"\d+", trt_version)[:3]) + (0, 0, 0))[:3]
+    if major == 10 and minor > 7:
+        return f"TensorRT {trt_version} has no DLA (10.7 was the last 10.x release with DLA)"
+    if major >= 11 and ((minor, patch) < (4, 1) or not profile.dla_max_tensorrt.get("11")):
+        return f"TensorRT {trt_version} has DLA only from 11.4.1 and only on Jetson AGX Orin"
+    return None
+
+
+def _configure_dla(trt, builder, config, network, profile, dla_core: int, strong: bool, onnx_path, flags_used) -> None:
+    reason = dla_unavailable(profile, trt.__version__)
+    if reason:
+        raise UserError("--dla-core", reason)
+    if dla_core >= builder.num_DLA_cores:
+        raise UserError("--dla-core", f"DLA core {dla_core} requested but this device has {builder.num_DLA_cores}")
+    if strong:  # strongly typed: the ONNX's tensor types decide, and DLA runs FP16/INT8 only
+        outputs = (network.get_layer(i).get_output(j) for i in range(network.num_layers)
+                   for j in range(network.get_layer(i).num_outputs))
+        if not any(t.dtype == trt.DataType.HALF for t in outputs):
+            raise UserError(onnx_path, "DLA under strong typing runs FP16/INT8 tensors and this ONNX is FP32 between "
+                            "its Q/DQ pairs: convert it (`python3 -m modelopt.onnx.autocast --target_dla "
+                            "--low_precision_type fp16`), re-export parity, or build weakly typed on TensorRT 10.x")
+    config.default_device_type = trt.DeviceType.DLA
+    config.DLA_core = dla_core
+    config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # fallback is silent: the placement is read from the build log
+    flags_used += [f"DLA_core={dla_core}", "GPU_FALLBACK"]
+
+
+def _capturing_logger(trt, verbose: bool):
+    """A TensorRT logger that keeps every line (the builder reports DLA/GPU placement only in its log)."""
+    class CapturingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.lines: list[str] = []
+
+        def log(self, severity, message):
+            self.lines.append(message)
+            if severity <= (trt.ILogger.INFO if verbose else trt.ILogger.WARNING):
+                print(f"[TensorRT] {message}")
+
+    return CapturingLogger()
+
+
+def parse_device_placement(lines) -> dict[str, list[str]]:
+    """{'DLA': [...], 'GPU': [...]}: the engine layers under the builder's '[DlaLayer]' / '[GpuLayer]' log lines."""
+    placement: dict[str, list[str]] = {"DLA": [], "GPU": []}
+    for line in lines:
+        match = re.match(r"\s*\[(Dla|Gpu)Layer\]\s*(.+)", line)
+        if match:
+            placement[match.group(1).upper()].append(match.group(2).strip())
+    return placement
+
+
 def build_engine(onnx_path, engine_path, target_profile, *, trt_world: int | None = None,
                  dla_core: int | None = None, timing_cache=None, opt_level: int = 3, batch=None,
                  strongly_typed: bool = False, progress: bool = True) -> BuildResult:
@@ -151,7 +207,7 @@ def build_engine(onnx_path, engine_path, target_profile, *, trt_world: int | Non
     if world not in target_profile.tensorrt_majors:
         raise UserError(target_profile.source_path, f"target {target_profile.name} does not ship TensorRT {world}.x "
                         f"(ships {target_profile.tensorrt_majors})")
-    logger = trt.Logger(trt.Logger.INFO if progress else trt.Logger.WARNING)
+    logger = _capturing_logger(trt, progress)
     try:
         builder = trt.Builder(logger)
     except TypeError:  # "factory function returned nullptr": no usable CUDA device
@@ -182,16 +238,9 @@ def build_engine(onnx_path, engine_path, target_profile, *, trt_world: int | Non
             profile.set_shape(name, s["min"], s["opt"], s["max"])
         config.add_optimization_profile(profile)
 
-    placement: dict[str, str] = {}
     if dla_core is not None:
-        if dla_core >= builder.num_DLA_cores:
-            raise UserError(None, f"DLA core {dla_core} requested but this device has {builder.num_DLA_cores}")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = dla_core
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # fallback is silent, so placement is recorded below
-        flags_used += [f"DLA_core={dla_core}", "GPU_FALLBACK"]
-        placement = {network.get_layer(i).name: "DLA" if config.can_run_on_DLA(network.get_layer(i)) else "GPU"
-                     for i in range(network.num_layers)}
+        _configure_dla(trt, builder, config, network, target_profile, dla_core, world >= 11 or strongly_typed,
+                       onnx_path, flags_used)
 
     cache_path = Path(timing_cache) if timing_cache else None
     if cache_path is not None:
@@ -209,10 +258,17 @@ def build_engine(onnx_path, engine_path, target_profile, *, trt_world: int | Non
     if cache_path is not None:
         write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
-    layers = _inspect_layers(trt, trt.Runtime(logger).deserialize_cuda_engine(serialized), shapes)
+    runtime = trt.Runtime(logger)
+    if dla_core is not None:
+        runtime.DLA_core = dla_core
+    layers = _inspect_layers(trt, runtime.deserialize_cuda_engine(serialized), shapes)
+    # where the builder put each layer, as it reports it (can_run_on_DLA is asked before fusion, not the placement)
+    placement = parse_device_placement(logger.lines) if dla_core is not None else {}
+    warnings = [f"DLA core {dla_core}: no layer runs on DLA (all fell back to the GPU)"] \
+        if dla_core is not None and not placement.get("DLA") else []
     return BuildResult(engine_path=str(engine_path), engine_sha256=sha256_file(engine_path),
                        tensorrt_version=trt.__version__, trt_world=world, flags=flags_used, dla_core=dla_core,
-                       layers=layers, placement=placement,
+                       layers=layers, placement=placement, warnings=warnings,
                        input_shapes={k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in s.items()}
                                      for k, s in shapes.items()},
                        build_seconds=round(build_seconds, 3), timing_cache=str(cache_path) if cache_path else None)
