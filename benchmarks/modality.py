@@ -28,7 +28,7 @@ for mode in ("rgb+ir", "rgb"):
         best = args.fused_teacher
     else:
         best = train_teacher({**recipe, "input_mode": mode}, Path(args.out) / mode.replace("+", "_"), progress=False,
-                             log=lambda *_: None)["best"]
+                             log=lambda *_: None, overwrite=True)["best"]
     results[mode] = score_checkpoint(best, recipe, args.split)
     print(mode, f"mAP50 {results[mode]['mAP50']:.4f}")
 spec = load_dataset_yaml(read_meta(results["rgb+ir"]["checkpoint"])["data"])

@@ -101,9 +101,9 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
     # re-runs export and what follows, not training.
     common = {k: v for k, v in recipe.items() if k not in ("recipe_path", "teacher", "ghost", "parity", "name")}
     teacher = stage("teacher", _fingerprint("teacher", common, recipe["teacher"], data), lambda: _train_stage(
-        train_teacher(recipe, run / "teacher", data=data, progress=progress, log=log)))
+        train_teacher(recipe, run / "teacher", data=data, progress=progress, log=log, overwrite=True)))
     ghost = stage("ghost", _fingerprint("ghost", common, recipe["ghost"], Path(teacher["best"])), lambda: _train_stage(
-        train_ghost(recipe, run / "ghost", teacher["best"], data=data, progress=progress, log=log)))
+        train_ghost(recipe, run / "ghost", teacher["best"], data=data, progress=progress, log=log, overwrite=True)))
     exports = stage("export", _fingerprint("export", recipe["parity"], Path(ghost["best"]), Path(teacher["best"])),
                     lambda: _export_stage(run / "export", teacher["best"], ghost["best"], log, recipe["parity"]))
     verdicts["export"] = {name: info["verdict"] for name, info in exports["onnx"].items()}

@@ -24,6 +24,8 @@ DEFAULTS: dict = {
     "data": None,
     "seed": 0,
     "workers": 0,
+    "cache": "off",  # "disk": decoded images kept as raw .npy files (~/.cache/ghost-deploy/decoded), read once
+    "amp": "auto",   # auto: fp16 autocast on CUDA, off on the CPU; or off, bf16, fp16 (train --amp)
     "hyp": {
         # YOLOv5 hyp.scratch: loss gains and augmentation.
         "box": 0.05, "cls": 0.5, "obj": 1.0, "anchor_t": 4.0, "sr_weight": 0.1,

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ghost_deploy
+from ghost_deploy.errors import UserError
 from ghost_deploy.checkpoint import save_checkpoint
 from ghost_deploy.cli import main
 from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml
@@ -519,3 +520,48 @@ def test_convert_vedai_missing_file(tmp_path):
     labels = tmp_path / "labels"
     assert_user_error(cli("data", "convert-vedai", annotations, labels), annotations, "annotation file not found")
     assert not labels.exists()
+
+
+# ------------------------------------------------------------------------------------------ never destroy (issue 15)
+def test_synth_never_replaces_a_folder_it_did_not_make(tmp_path):
+    """A user's folder that happens to hold a manifest.json is not ours: refused, nothing deleted."""
+    from ghost_deploy.data import ensure_synthetic_dataset
+
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "manifest.json").write_text('{"params": {}}')
+    (mine / "notes.txt").write_text("precious")
+    result = cli("data", "synth", "--root", mine)
+    assert_user_error(result, mine, "not a synthetic dataset folder made by ghost-deploy")
+    assert (mine / "notes.txt").read_text() == "precious"
+    # one it made is found again; once a user adds a file to it, it is no longer replaced either
+    made = tmp_path / "made"
+    ensure_synthetic_dataset(root=made, n_train=2, n_val=1, n_test=1, img_size=64)
+    assert ensure_synthetic_dataset(root=made, n_train=2, n_val=1, n_test=1, img_size=64) == made / "data.yaml"
+    (made / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a synthetic dataset folder"):
+        ensure_synthetic_dataset(root=made, n_train=3, n_val=1, n_test=1, img_size=64)
+    assert (made / "mine.txt").exists()
+
+
+def test_export_refuses_to_overwrite_its_own_checkpoint(fx):
+    checkpoint = fx["ghost"]
+    before = Path(checkpoint).read_bytes()
+    assert_user_error(cli("export", "--onnx", checkpoint, "--out", checkpoint), "--out", "would overwrite the checkpoint")
+    assert Path(checkpoint).read_bytes() == before
+
+
+def test_train_refuses_a_folder_holding_a_run(tmp_path):
+    from ghost_deploy.train.loop import prepare_run_folder
+
+    run = tmp_path / "run"
+    (run / "weights").mkdir(parents=True)
+    (run / "weights" / "best.safetensors").write_bytes(b"x")
+    (run / "results.csv").write_text("epoch\n1\n")
+    with pytest.raises(UserError, match="holds a run already .*--resume continues it, --force replaces it"):
+        prepare_run_folder(run, resume=False, overwrite=False)
+    assert (run / "weights" / "best.safetensors").exists()
+    with pytest.raises(UserError, match="cannot resume: no train_state"):
+        prepare_run_folder(tmp_path / "empty", resume=True, overwrite=False)
+    prepare_run_folder(run, resume=False, overwrite=True)  # --force / the pipeline's own stage folder
+    assert not (run / "results.csv").exists() and not (run / "weights" / "best.safetensors").exists()

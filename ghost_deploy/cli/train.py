@@ -11,6 +11,7 @@ from ghost_deploy.errors import handle_cli_errors
 from ghost_deploy.pipeline import run_pipeline
 from ghost_deploy.quant.hq import choose_plan
 from ghost_deploy.recipe import load_recipe
+from ghost_deploy.train.loop import AMP_MODES
 from ghost_deploy.train.run import run_training
 
 
@@ -24,21 +25,28 @@ from ghost_deploy.train.run import run_training
 @click.option("--bit-plan", type=click.Path(), default=None, help="Use this (edited) bit plan JSON instead of HQ.")
 @click.option("--epochs", type=int, default=None, help="Override the recipe's epochs for every stage run.")
 @device_option
+@click.option("--amp", type=click.Choice(AMP_MODES), default=None,
+              help="Mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, with loss scaling), off; default the recipe's "
+                   "amp (auto: fp16 on CUDA, off on the CPU). Quantizers and losses stay float32.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved epoch.")
+@click.option("--force", is_flag=True, help="Replace a run already in --out (without it, such a folder is refused).")
 @click.option("--strict", is_flag=True, help="Bad samples are errors instead of skipped with a warning.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Processes for DDP (torchrun-style, gloo on CPU).")
 @no_progress_option
 @handle_cli_errors
-def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, resume, strict, nproc, no_progress):
+def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, amp, resume, force, strict, nproc,
+          no_progress):
     """Train the FP32 teacher and/or the GHOST mixed-precision student.
 
     With no arguments: the demo recipe on the embedded RGB+IR dataset, teacher then GHOST, into runs/demo.
     """
 
     loaded = load_recipe(recipe)
+    if amp is not None:
+        loaded["amp"] = amp
     out = Path(out_dir or Path("runs") / loaded["name"])
     run_training(loaded, out, stage=stage, data=data, teacher=teacher, bit_plan=bit_plan, epochs=epochs, device=device,
-                 resume=resume, strict=strict, nproc=nproc, progress=not no_progress, log=echo_log)
+                 resume=resume, strict=strict, nproc=nproc, progress=not no_progress, log=echo_log, force=force)
 
 
 @click.command()

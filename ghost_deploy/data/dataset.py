@@ -27,7 +27,8 @@ from ghost_deploy.data.augment import (
     labels_from_boxes,
     resize_long_side,
 )
-from ghost_deploy.data.images import IMAGE_SUFFIXES, MODALITY_TAGS, find_image, probe_image, read_ir, read_rgb
+from ghost_deploy.data.images import (IMAGE_SUFFIXES, MODALITY_TAGS, DecodedCache, default_cache_folder, find_image,
+                                      probe_image, read_ir, read_rgb)
 from ghost_deploy.data.labels import label_path_for, parse_label_file
 from ghost_deploy.data.spec import DatasetSpec, load_dataset_yaml
 from ghost_deploy.errors import UserError
@@ -67,6 +68,7 @@ class Dataset(torch.utils.data.Dataset):
         strict: bool = False,
         with_hr: bool = False,
         seed: int = 0,
+        cache: str | None = None,
     ):
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8:
             raise UserError(None, f"img_size must be an integer >= 8, got {img_size!r}")
@@ -80,6 +82,9 @@ class Dataset(torch.utils.data.Dataset):
         self.strict = strict
         self.with_hr = with_hr
         self.seed = seed
+        if cache not in (None, "off", "disk"):
+            raise UserError("cache", f"must be 'disk' or 'off', got {cache!r}")
+        self.cache = DecodedCache(default_cache_folder()) if cache == "disk" else None
         self.epoch = 0
         self.modalities = spec.modalities
         self.source = spec.split_source(split)
@@ -202,7 +207,10 @@ class Dataset(torch.utils.data.Dataset):
     def _load(self, index: int, size: int):
         """Sample `index` as arrays with long side `size` and pixel boxes."""
         sample = self.samples[index]
-        arrays = {modality: _READERS[modality](path) for modality, path in sample.images.items()}
+        if self.cache is None:
+            arrays = {modality: _READERS[modality](path) for modality, path in sample.images.items()}
+        else:
+            arrays = {modality: self.cache.read(_READERS[modality], path) for modality, path in sample.images.items()}
         shapes = {array.shape[:2] for array in arrays.values()}
         if len(shapes) != 1:  # headers agreed at indexing; a decoded size can still differ if a file changed
             raise UserError(sample.images[self.modalities[-1]], "decoded size differs from its partner image")

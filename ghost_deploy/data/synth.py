@@ -24,6 +24,7 @@ from PIL import Image
 from ghost_deploy.data.augment import downsample2x
 from ghost_deploy.data.labels import format_label_rows
 from ghost_deploy.errors import UserError
+from ghost_deploy.io import sha256_file
 
 SYNTH_VERSION = 2  # v2: a running car is warm all over, not only over its engine block
 CLASS_NAMES = ("car", "car_running", "truck", "van", "boat")
@@ -91,9 +92,10 @@ def ensure_synthetic_dataset(
     params = {"version": SYNTH_VERSION, "seed": seed, **counts, "hr": bool(hr)}
     if _is_complete(root, params):
         return root / "data.yaml"
-    if root.exists() and not (root / "manifest.json").is_file() and any(root.iterdir()):
-        # never replace a folder this module did not make
-        raise UserError(root, "exists and is not a synthetic dataset folder; choose another root")
+    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not _made_here(root):
+        # never replace a folder this module did not make, or one whose files were changed or added to since
+        raise UserError(root, "exists and is not a synthetic dataset folder made by ghost-deploy (its stamp is missing "
+                              "or its files changed); choose another --root")
     root.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     try:
@@ -111,6 +113,24 @@ def _is_complete(root: Path, params: dict) -> bool:
     except (OSError, ValueError):
         return False
     return manifest.get("params") == params and (root / "data.yaml").is_file()
+
+
+MADE_BY = "ghost_deploy.data.synth"
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {path.relative_to(root).as_posix(): sha256_file(path) for path in sorted(root.rglob("*"))
+            if path.is_file() and path.name != "manifest.json"}
+
+
+def _made_here(root: Path) -> bool:
+    """True when `root` holds exactly the files our manifest stamped, unchanged (so replacing it loses nothing)."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("made_by") == MADE_BY \
+        and manifest.get("files") == _file_hashes(root)
 
 
 def _publish(build: Path, root: Path, params: dict) -> None:
@@ -157,8 +177,8 @@ def _generate(build: Path, params: dict) -> None:
             number += 1
         (build / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids[split]), encoding="utf-8")
     (build / "data.yaml").write_text(_data_yaml(params, ids), encoding="utf-8")
-    manifest = {"params": params, "counts": {split: len(values) for split, values in ids.items()},
-                "seconds": round(time.perf_counter() - started, 2)}
+    manifest = {"made_by": MADE_BY, "params": params, "counts": {split: len(values) for split, values in ids.items()},
+                "seconds": round(time.perf_counter() - started, 2), "files": _file_hashes(build)}
     (build / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

@@ -190,6 +190,9 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     log = print if progress else (lambda *a, **k: None)
     checkpoint_path, out_path = Path(checkpoint_path), Path(out_path)
     paths = sidecar_paths(out_path)
+    if any(path.resolve() == checkpoint_path.resolve() for path in (out_path, *paths.values())):
+        raise UserError("--out", f"{out_path} would overwrite the checkpoint being exported ({checkpoint_path}); "
+                                 "choose another --out")
     built = build_export(checkpoint_path, options, log)
     checks = check_graph(built, options)
     # Every consumer (ORT, TensorRT, onnx) infers the shapes again; stored, they were 6% of the file.

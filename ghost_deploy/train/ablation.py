@@ -44,7 +44,7 @@ def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: in
 
     out = Path(out)
     if teacher is None:
-        teacher = train_teacher(recipe, out / "teacher", progress=progress, log=log)["best"]
+        teacher = train_teacher(recipe, out / "teacher", progress=progress, log=log, overwrite=True)["best"]
     rows = [{"row": "FP32 teacher", **score_checkpoint(teacher, recipe, split)}]
     log(_format_row(rows[-1]))
     for index, (name, setup) in enumerate(ROWS):
@@ -54,7 +54,7 @@ def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: in
         else:
             plan = None  # the recipe's HQ plan
         row_recipe = {**recipe, "ghost": {**recipe["ghost"], "distill": {**recipe["ghost"]["distill"], "switch": setup.get("switch", True)}}}
-        result = train_ghost(row_recipe, out / f"row{index + 1}", teacher, bit_plan_path=plan, distill=setup["distill"],
+        result = train_ghost(row_recipe, out / f"row{index + 1}", teacher, bit_plan_path=plan, distill=setup["distill"], overwrite=True,
                              epochs=epochs, progress=progress, log=lambda *_: None)
         rows.append({"row": name, **score_checkpoint(result["best"], recipe, split)})
         log(_format_row(rows[-1]))

@@ -48,6 +48,8 @@ def ost_distance(
     num_layers = len(student_features)
     columns = []
     for teacher, student in zip(teacher_features, student_features):
+        # float32 under autocast too: the attention maps are normalised sums over channels
+        student, teacher = student.float(), teacher.float()
         squared = (spatial_attention(student) - spatial_attention(teacher.detach())).pow(2).sum(dim=1)
         scale = 1.0 / (student.shape[-2] * student.shape[-1]) if layer_norm == "paper" else 1.0 / num_layers
         columns.append(squared * scale)

@@ -112,18 +112,36 @@ def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: boo
     if not needed <= modalities:
         raise UserError(data_yaml, f"input mode {recipe['input_mode']} needs modalities {sorted(needed)}, dataset has {sorted(modalities)}")
     hr = recipe.get("sr", False) if with_hr is None else with_hr
-    train = Dataset(spec, "train", recipe["img_size"], augment=True, hyp=recipe["hyp"], strict=strict, with_hr=hr)
+    train = Dataset(spec, "train", recipe["img_size"], augment=True, hyp=recipe["hyp"], strict=strict, with_hr=hr,
+                    cache=recipe.get("cache"))
     val = Dataset(spec, "val", recipe["img_size"], augment=False, hyp=recipe["hyp"], strict=strict)
     return DataBundle(spec=spec, train=train, val=val, data_yaml=data_yaml)
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0, rank: int = 0, world_size: int = 1):
-
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0, rank: int = 0, world_size: int = 1,
+                device: torch.device | None = None):
+    """Batches of `collate`, in an order fixed by (seed, epoch). Workers stay alive across epochs (no re-fork and
+    re-index each epoch) and, for a GPU, batches land in pinned memory so the copy overlaps compute."""
     sampler = EpochSampler(len(dataset), seed, shuffle=shuffle, rank=rank, world_size=world_size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-        drop_last=False, persistent_workers=False,
+        drop_last=False, persistent_workers=workers > 0, pin_memory=device is not None and device.type == "cuda",
     )
+
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+def amp_mode(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `mode` on `device` (None: no autocast). `auto`: fp16 on CUDA, off on the CPU.
+    Quantizers, their scales and the losses stay float32 inside (quant.quantizers, train.loss)."""
+    if mode not in AMP_MODES:
+        raise UserError("--amp", f"must be one of {', '.join(AMP_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if mode == "fp16" and device.type != "cuda":
+        raise UserError("--amp", "fp16 autocast needs a CUDA device; on the CPU use --amp bf16")
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 # ------------------------------------------------------------------------------------------ optimiser
@@ -257,16 +275,19 @@ def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device:
     train_module = stage.train_module.to(device)
     if world_size > 1:
         train_module = nn.parallel.DistributedDataParallel(train_module, find_unused_parameters=True)
-    loader = make_loader(data.train, batch_size, True, seed, recipe["workers"], rank, world_size)
-    val_loader = make_loader(data.val, batch_size, False, seed, recipe["workers"])
+    amp_dtype = amp_mode(recipe.get("amp", "auto"), device)
+    if device.type == "cuda":  # NHWC lets cuDNN use tensor-core kernels; on the CPU it would only change summation order
+        model.to(memory_format=torch.channels_last)
+    loader = make_loader(data.train, batch_size, True, seed, recipe["workers"], rank, world_size, device=device)
+    val_loader = make_loader(data.val, batch_size, False, seed, recipe["workers"], device=device)
     batches = len(loader)
     accumulate = max(round(cfg["nominal_batch"] / (batch_size * world_size)), 1)
     optimizer = build_optimizer(model, stage.extra_modules, cfg, accumulate, batch_size * world_size)
     lf = cosine_lambda(epochs, cfg["lrf"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
     ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_tau"])
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 has float32's range
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     warmup_iters = round(cfg["warmup_epochs"] * batches) if cfg["warmup_epochs"] > 0 else 0
     weights_dir = out_dir / "weights"
     state_path = out_dir / "train_state.safetensors"
@@ -289,7 +310,7 @@ def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device:
         for batch in bar:
             accumulate_now = _warm_up(optimizer, cfg, iteration, warmup_iters, accumulate, lf(epoch))
             inputs = batch_inputs(batch, model.input_names, device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, items = stage.step_fn(train_module, batch, inputs)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at epoch {epoch} iteration {iteration}: {items}")
@@ -410,11 +431,30 @@ def _teacher_step(loss_fn, sr_weight: float, input_names):
     return step
 
 
+def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Never train over a run silently: a folder holding one is continued (`resume`), replaced (`overwrite`: the
+    pipeline, whose ledger says the folder is its own, or --force), or refused with one line."""
+    state, finished = out_dir / "train_state.safetensors", out_dir / "weights" / "best.safetensors"
+    if resume:
+        if not state.is_file():
+            raise UserError(out_dir, "cannot resume: no train_state.safetensors in this run folder")
+        return
+    leftovers = [path for path in (finished, out_dir / "weights" / "last.safetensors", state, out_dir / "results.csv")
+                 if path.exists()]
+    if leftovers and not overwrite:
+        raise UserError(out_dir, f"holds a run already ({leftovers[0].relative_to(out_dir)}): --resume continues it, "
+                                 "--force replaces it, or choose another --out")
+    for path in leftovers:
+        path.unlink()
+
+
 def train_teacher(recipe: dict, out_dir, data: str | None = None, device: str | None = None, resume: bool = False,
                   progress: bool = True, strict: bool = False, epochs: int | None = None, rank: int = 0,
-                  world_size: int = 1, log=print) -> dict:
+                  world_size: int = 1, log=print, overwrite: bool = False) -> dict:
     """Train the FP32 teacher (with the SR branch when the recipe asks). Returns paths and best metrics."""
     out_dir = Path(out_dir)
+    if rank == 0:
+        prepare_run_folder(out_dir, resume, overwrite)
     bundle = load_data(recipe, data, strict=strict)
     seed_everything(recipe["seed"])
     model = build_model(recipe["model"], nc=bundle.spec.nc, input_mode=recipe["input_mode"], sr=recipe["sr"])
@@ -493,9 +533,12 @@ def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
 
 def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bit_plan_path=None, device: str | None = None,
                 resume: bool = False, progress: bool = True, strict: bool = False, epochs: int | None = None,
-                rank: int = 0, world_size: int = 1, log=print, distill: bool | None = None) -> dict:
+                rank: int = 0, world_size: int = 1, log=print, distill: bool | None = None,
+                overwrite: bool = False) -> dict:
     """GHOST: student initialised from the teacher, quantized with the bit plan, trained with GQSD + OST/SCM."""
     out_dir = Path(out_dir)
+    if rank == 0:
+        prepare_run_folder(out_dir, resume, overwrite)
 
     teacher, teacher_meta = model_from_checkpoint(teacher_path, with_sr=False)
     student_init = teacher.detector_state_dict()

@@ -55,6 +55,11 @@ class DetectionLoss:
             raise ValueError(f"{len(self.balance)} balance weights for {self.nl} levels")
 
     def __call__(self, heads: Sequence[torch.Tensor], targets: torch.Tensor, per_image: bool = False):
+        # float32 under autocast too: BCE on logits and the IoU terms lose too much in bf16/fp16
+        with torch.autocast(heads[0].device.type, enabled=False):
+            return self._loss([head.float() for head in heads], targets.float(), per_image)
+
+    def _loss(self, heads: Sequence[torch.Tensor], targets: torch.Tensor, per_image: bool):
         if len(heads) != self.nl:
             raise ValueError(f"{len(heads)} head maps for a Detect with {self.nl} levels")
         if targets.ndim != 2 or targets.shape[1] != 6:

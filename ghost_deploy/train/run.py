@@ -10,11 +10,13 @@ from ghost_deploy.train.loop import train_ghost, train_teacher
 
 
 def run_training(recipe: dict, out: Path, stage: str = "all", data=None, teacher=None, bit_plan=None, epochs=None,
-                 device=None, resume=False, strict=False, nproc=1, progress=True, log=print) -> dict:
+                 device=None, resume=False, strict=False, nproc=1, progress=True, log=print, force=False) -> dict:
     """Teacher into `out/teacher`, GHOST into `out/ghost`; returns the checkpoint paths."""
+    if resume and not any((out / name / "train_state.safetensors").is_file() for name in ("teacher", "ghost")):
+        raise UserError(out, "--resume: no run to continue here (no teacher/ or ghost/ train_state.safetensors)")
     if nproc > 1:
         return launch(run_training, nproc, recipe, out, stage=stage, data=data, teacher=teacher, bit_plan=bit_plan, epochs=epochs,
-                      resume=resume, strict=strict)
+                      resume=resume, strict=strict, force=force)
     rank, world_size, ddp_device = init_from_env()
     if world_size > 1:
         device = ddp_device
@@ -23,7 +25,7 @@ def run_training(recipe: dict, out: Path, stage: str = "all", data=None, teacher
     if stage in ("teacher", "all") and teacher is None:
         results["teacher"] = train_teacher(recipe, out / "teacher", data=data, device=device,
                                            resume=resume and (out / "teacher" / "train_state.safetensors").exists(),
-                                           progress=progress, strict=strict, epochs=epochs, log=log, **ranked)
+                                           progress=progress, strict=strict, epochs=epochs, log=log, overwrite=force, **ranked)
         teacher = results["teacher"]["best"]
         log(f"teacher: best mAP50 {results['teacher']['best_fitness']:.4f} -> {teacher}{_skipped_note(results['teacher'])}")
     if stage in ("ghost", "all"):
@@ -31,7 +33,7 @@ def run_training(recipe: dict, out: Path, stage: str = "all", data=None, teacher
             raise UserError("--teacher", "the ghost stage needs a teacher checkpoint (--teacher CKPT) or --stage all")
         results["ghost"] = train_ghost(recipe, out / "ghost", teacher, data=data, bit_plan_path=bit_plan, device=device,
                                        resume=resume and (out / "ghost" / "train_state.safetensors").exists(),
-                                       progress=progress, strict=strict, epochs=epochs, log=log, **ranked)
+                                       progress=progress, strict=strict, epochs=epochs, log=log, overwrite=force, **ranked)
         log(f"ghost: best mAP50 {results['ghost']['best_fitness']:.4f} -> {results['ghost']['best']}{_skipped_note(results['ghost'])}")
     if world_size > 1:
         _record_ddp_agreement(results, out, rank, log)
