@@ -25,9 +25,9 @@ from ghost_deploy.data.spec import load_dataset_yaml
 from ghost_deploy.recipe import load_recipe
 
 FOLDERS = {512: "VEDAI", 1024: "VEDAI_1024"}
-STEPS = {"decode (PNG read)": ("decode", "pngimageplugin", "imagefile.py"), "cache read": ("format.py", "npyio"), "mosaic + affine": ("mosaic", "affine", "warp"),
-         "colour (HSV)": ("hsv",), "flips": ("flip",), "letterbox / resize": ("letterbox", "resize"),
-         "to tensor": ("_to_tensor", "from_numpy")}
+STEPS = {"decode (PNG read)": ("decode", "pngimageplugin", "imagefile.py"), "cache read": ("fromfile", "npyio"),
+         "affine warp (PIL transform)": ("transform",), "colour (HSV round trip)": ("convert", "point", "hsv"),
+         "mosaic canvas": ("mosaic", "fill", "full"), "to tensor": ("_to_tensor", "from_numpy", "ascontiguousarray")}
 
 
 def dataset_yaml(root: Path, size: int, folder: Path) -> Path:
@@ -61,7 +61,7 @@ def profile_steps(dataset: Dataset, images: int) -> dict[str, float]:
     shares = {}
     for step, keys in STEPS.items():
         shares[step] = sum(entry[2] for (file, _, name), entry in stats.items()
-                           if any(k in name.lower() or k in file.lower() for k in keys)) / total
+                           if any(k in name.lower() or k in Path(file).name.lower() for k in keys)) / total
     return shares
 
 

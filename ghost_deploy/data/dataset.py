@@ -27,8 +27,16 @@ from ghost_deploy.data.augment import (
     labels_from_boxes,
     resize_long_side,
 )
-from ghost_deploy.data.images import (IMAGE_SUFFIXES, MODALITY_TAGS, DecodedCache, default_cache_folder, find_image,
-                                      probe_image, read_ir, read_rgb)
+from ghost_deploy.data.images import (
+    IMAGE_SUFFIXES,
+    MODALITY_TAGS,
+    DecodedCache,
+    default_cache_folder,
+    find_image,
+    probe_image,
+    read_ir,
+    read_rgb,
+)
 from ghost_deploy.data.labels import label_path_for, parse_label_file
 from ghost_deploy.data.spec import DatasetSpec, load_dataset_yaml
 from ghost_deploy.errors import UserError

@@ -263,6 +263,14 @@ def _optimizer_step(scaler, optimizer, ema, model) -> None:
     ema.update(model)
 
 
+def _log_epoch(csv_path, name, epoch, epochs, running, batches, metrics, optimizer, train_seconds, extra_columns, log):
+    row = {"epoch": epoch + 1, **{k: round(v / batches, 5) for k, v in running.items()},
+           "mAP50": round(metrics["mAP50"], 5), "mAP50_95": round(metrics["mAP50_95"], 5),
+           "lr": round(optimizer.param_groups[0]["lr"], 6), "seconds": round(train_seconds, 1), **extra_columns}
+    _append_csv(csv_path, row)
+    log(f"{name} epoch {epoch + 1}/{epochs}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
+
+
 def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device: torch.device,
         resume: bool = False, progress: bool = True, epochs: int | None = None, rank: int = 0, world_size: int = 1,
         log=print) -> dict:
@@ -331,11 +339,8 @@ def fit(stage: StageSpec, recipe: dict, data: DataBundle, out_dir: Path, device:
         metrics = evaluate_model(ema.ema, val_loader, nc, recipe["eval"]["conf_thres"], recipe["eval"]["iou_thres"],
                                  recipe["eval"]["max_det"], device=device)
         fitness = float(metrics["mAP50"])
-        row = {"epoch": epoch + 1, **{k: round(v / batches, 5) for k, v in running.items()},
-               "mAP50": round(metrics["mAP50"], 5), "mAP50_95": round(metrics["mAP50_95"], 5),
-               "lr": round(optimizer.param_groups[0]["lr"], 6), "seconds": round(train_seconds, 1), **extra_columns}
-        _append_csv(csv_path, row)
-        log(f"{stage.name} epoch {epoch + 1}/{epochs}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
+        _log_epoch(csv_path, stage.name, epoch, epochs, running, batches, metrics, optimizer, train_seconds,
+                   extra_columns, log)
         epoch_meta = {"epoch": epoch + 1, "metrics": {"mAP50": metrics["mAP50"], "mAP50_95": metrics["mAP50_95"]}}
         save_checkpoint(weights_dir / "last.safetensors", ema.ema, _with_extra(stage.meta, epoch_meta))
         if fitness > best_fitness:
