@@ -34,7 +34,8 @@ def rounding(tmp_path_factory, write_image_pairs):
 def test_float32_rounding_fails_a_zero_budget_that_exact_arithmetic_meets(rounding):
     root = rounding["root"]
     with pytest.raises(ParityError) as caught:
-        export_onnx(rounding["checkpoint"], root / "float32.onnx", parity_images=rounding["images"], progress=False)
+        export_onnx(rounding["checkpoint"], root / "float32.onnx", parity_images=rounding["images"],
+                    parity_arithmetic="float32", progress=False)
     report = caught.value.report["parity"]
     assert any("max abs error" in failure for failure in report["report"]["failures"])
     exact = report["exact_arithmetic"]
@@ -124,3 +125,16 @@ def test_bad_arithmetic_is_a_one_line_error(rounding, tmp_path):
     assert info.value.path == str(recipe)
     outcome = CliRunner().invoke(export_command, ["--onnx", str(rounding["checkpoint"]), "--parity-arithmetic", "int"])
     assert outcome.exit_code == 2 and "--parity-arithmetic" in outcome.output
+
+
+def test_exact_arithmetic_decides_by_default_and_the_parity_count_is_an_option(rounding):
+    """Issue 14: the package default is exact arithmetic (the float32 comparison still runs and is reported);
+    --parity-count sets how many images the parity set holds."""
+    root = rounding["root"]
+    result = export_onnx(rounding["checkpoint"], root / "default.onnx", parity_images=rounding["images"],
+                         parity_count=1, progress=False)
+    assert result.passed and result.report["parity"]["arithmetic"] == "exact"
+    assert result.report["parity"]["report"] is not None  # the float32 comparison ran too
+    assert len(load_parity_set(result.parity_set_path).inputs["rgb"]) == 1
+    with pytest.raises(UserError, match="--parity-count"):
+        export_onnx(rounding["checkpoint"], root / "zero.onnx", parity_count=0, progress=False)

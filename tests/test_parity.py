@@ -65,7 +65,8 @@ def test_corrupted_weight_scale_fails_the_export_and_is_localised(setup, monkeyp
     root = setup["root"]
     runner = CliRunner()
     outcome = runner.invoke(export_command, ["--onnx", str(setup["checkpoint"]), "--out", str(root / "bad.onnx"),
-                                             "--parity-images", str(setup["images"]), "--no-progress"])
+                                             "--parity-images", str(setup["images"]), "--parity-arithmetic",
+                                             "float32", "--no-progress"])
     assert outcome.exit_code == 1, outcome.output
     assert "parity gate FAILED" in outcome.output and target in outcome.output
     assert not (root / "bad.onnx").exists() and (root / "bad.FAILED.onnx").is_file()
@@ -113,7 +114,8 @@ def test_impossible_budget_raises_parity_error_with_report(setup, tmp_path):
     checkpoint = save_sample_checkpoint(tmp_path / "strict.safetensors", img_size=IMG, weight_bits=8, seed=4,
                                         parity={"images": 1, "max_abs_error_in_output_scale": 0.0, "min_cosine": 1.0000001})
     with pytest.raises(ParityError) as caught:
-        export_onnx(checkpoint, tmp_path / "strict.onnx", parity_images=setup["images"], progress=False)
+        export_onnx(checkpoint, tmp_path / "strict.onnx", parity_images=setup["images"], parity_arithmetic="float32",
+                    progress=False)
     assert caught.value.report["passed"] is False
     assert (tmp_path / "strict.FAILED.onnx").is_file() and (tmp_path / "strict.export.json").is_file()
     # a budget PyTorch itself cannot meet under its own rounding is reported as the model's noise floor

@@ -24,6 +24,7 @@ COMMANDS = {
     "plan": ("ghost_deploy.cli.train", "plan_command"),
     "pipeline": ("ghost_deploy.cli.train", "pipeline"),
     "export": ("ghost_deploy.cli.export", "export_command"),
+    "sample": ("ghost_deploy.cli.export", "sample_command"),
     "build-engine": ("ghost_deploy.cli.engines", "build_engine"),
     "bench": ("ghost_deploy.cli.bench", "bench_command"),
     "data": ("ghost_deploy.cli.data", "data_group"),

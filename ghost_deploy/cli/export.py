@@ -5,8 +5,10 @@ from pathlib import Path
 
 import click
 
+from ghost_deploy.checkpoint import read_meta
 from ghost_deploy.errors import UserError, handle_cli_errors
 from ghost_deploy.export.api import export_onnx
+from ghost_deploy.export.sample import make_sample
 from ghost_deploy.quant.ptq import ptq_checkpoint
 
 
@@ -44,16 +46,18 @@ def default_out_path(checkpoint: Path, fp32: bool, int4_weights: bool, target: s
               help="PTQ: bit plan JSON or a GHOST checkpoint whose plan to use (default: INT8 everywhere).")
 @click.option("--data", type=click.Path(), default=None, help="Dataset YAML for the parity images.")
 @click.option("--parity-arithmetic", type=click.Choice(["float32", "exact"]), default=None,
-              help="Which comparison decides the gate (default: the recipe's parity.arithmetic, float32): the graph "
-                   "as written in float32, or both sides accumulating integer codes (bit-exact when correct). "
+              help="Which comparison decides the gate (default: the recipe's parity.arithmetic, exact): both sides "
+                   "accumulating integer codes (bit-exact when correct), or the graph as written in float32. "
                    "Both are always run and reported.")
+@click.option("--parity-count", type=click.IntRange(min=1), default=None,
+              help="Images in the parity set (default: the recipe's parity.images, 8).")
 @click.option("--per-layer", is_flag=True,
               help="Compare every layer and measure the model's float32 noise floor (automatic when the gate fails).")
 @click.option("--no-progress", is_flag=True, help="Print nothing but errors.")
 @handle_cli_errors
 def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, target, decode, no_parity, parity_images,
-                   weights, calib_manifest, calibrator, weight_method, bit_plan, data, parity_arithmetic, per_layer,
-                   no_progress):
+                   weights, calib_manifest, calibrator, weight_method, bit_plan, data, parity_arithmetic, parity_count,
+                   per_layer, no_progress):
     """Export a checkpoint to a QDQ ONNX (per-layer bits kept), lint it for TensorRT, gate it on parity.
 
     Exit 0: written and within budget. Exit 1: a check failed; the report is saved and the model is kept only
@@ -74,4 +78,25 @@ def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, targ
     out_path = Path(out) if out else default_out_path(checkpoint, fp32, int4_weights, target)
     export_onnx(checkpoint, out_path, fp32=fp32, int4_weights=int4_weights, simplify=not no_simplify, opset=opset,
                 target=target, decode=decode, parity=not no_parity, parity_images=parity_images,
-                parity_arithmetic=parity_arithmetic, per_layer=per_layer, data=data, progress=not no_progress)
+                parity_arithmetic=parity_arithmetic, parity_count=parity_count, per_layer=per_layer, data=data,
+                progress=not no_progress)
+
+
+@click.command("sample")
+@click.argument("model")
+@click.option("--img-size", type=click.IntRange(min=32), default=512, show_default=True, help="Input side in pixels.")
+@click.option("--bits", default="hq", show_default=True,
+              help="hq (HQ's rule on the sample's weights), mixed (random 3..8 per layer), fp32 (a teacher), or N bits.")
+@click.option("--nc", type=click.IntRange(min=1), default=8, show_default=True, help="Classes.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--snap", is_flag=True, help="Snap weights and scales to power-of-two grids (bit-exact on any backend).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (.safetensors).")
+@handle_cli_errors
+def sample_command(model, img_size, bits, nc, seed, snap, out):
+    """A random-weight, calibrated checkpoint of MODEL (ghost-s-vedai, ghost-s, ghost-n, ghost-p), off the grid like
+    a trained one: try export, build-engine and bench on the real architecture before training."""
+    path = make_sample(model, out, img_size=img_size, bits=bits, nc=nc, seed=seed, snap=snap)
+    header = read_meta(path)
+    plan = header.bit_plan
+    click.echo(f"{path}: {model} at {img_size} px, {nc} classes, "
+               + (f"{plan.totals['avg_weight_bits']:.2f} average weight bits" if plan else "FP32"))

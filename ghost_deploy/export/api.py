@@ -111,11 +111,12 @@ class ExportOptions:
     data: str | None = None
     parity_arithmetic: str | None = None
     parity_config: dict | None = None
+    parity_count: int | None = None
 
     def to_report(self, final_opset: int) -> dict:
         return {"fp32": self.fp32, "int4_weights": self.int4_weights, "simplify": self.simplify, "opset": final_opset,
                 "target": self.target, "decode": self.decode, "parity": self.parity, "per_layer": self.per_layer,
-                "parity_arithmetic": self.parity_arithmetic,
+                "parity_arithmetic": self.parity_arithmetic, "parity_count": self.parity_count,
                 "parity_images": None if self.parity_images is None else str(self.parity_images),
                 "data": None if self.data is None else str(self.data)}
 
@@ -174,18 +175,23 @@ class GateOutcome:
 def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: bool = False, simplify: bool = True,
                 opset: int = 17, target: str = "trt", decode: bool = False, parity: bool = True,
                 parity_images=None, per_layer: bool = False, data=None, progress: bool = True,
-                parity_arithmetic: str | None = None, parity_config: dict | None = None) -> ExportResult:
+                parity_arithmetic: str | None = None, parity_config: dict | None = None,
+                parity_count: int | None = None) -> ExportResult:
     """Export a checkpoint to ONNX with explicit quantization and gate it on parity with PyTorch.
 
     `parity_arithmetic` ("float32" or "exact", default: the recipe's) picks the comparison that decides the gate;
     both run (parity/exact.py). `parity_config` replaces the checkpoint's recipe `parity` section (budgets, images,
-    arithmetic), e.g. with the one of the recipe a pipeline runs.
+    arithmetic), e.g. with the one of the recipe a pipeline runs. `parity_count` (--parity-count) overrides how many
+    images the parity set holds (recipe parity.images, default 8).
 
     Raises UserError for bad input and ParityError when the bits, the TensorRT lint or the parity gate fail
     (the report is written and the ONNX kept only as <stem>.FAILED.onnx).
     """
     options = ExportOptions(fp32, int4_weights, simplify, opset, target, decode, parity, parity_images, per_layer,
-                            data, parity_arithmetic, parity_config)
+                            data, parity_arithmetic, parity_config, parity_count)
+    if parity_count is not None and (isinstance(parity_count, bool) or not isinstance(parity_count, int)
+                                     or parity_count < 1):
+        raise UserError("--parity-count", f"must be a positive integer, got {parity_count!r}")
     started = time.perf_counter()
     log = print if progress else (lambda *a, **k: None)
     checkpoint_path, out_path = Path(checkpoint_path), Path(out_path)
@@ -294,7 +300,8 @@ def run_export_gate(built: BuiltExport, checks: GraphChecks, options: ExportOpti
     # the checkpoint's recipe, unless the caller brings its own parity section (the pipeline: its run's recipe)
     parity_recipe = header.recipe if options.parity_config is None else {"parity": options.parity_config}
     budgets = budgets_from_recipe(parity_recipe)
-    parity_inputs = resolve_parity_inputs(header, built.img_size, parity_image_count(parity_recipe),
+    count = options.parity_count or parity_image_count(parity_recipe)
+    parity_inputs = resolve_parity_inputs(header, built.img_size, count,
                                           options.parity_images, options.data)
     parity_set = _reference_parity_set(built, options.decode, parity_inputs, budgets, checks.output_scales)
     gate = GateOutcome(parity_set=parity_set, note=f"{parity_inputs.count} images from {parity_inputs.source}")

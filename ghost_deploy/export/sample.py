@@ -16,9 +16,11 @@ from torch import nn
 from ghost_deploy import __version__
 from ghost_deploy.checkpoint import save_checkpoint
 from ghost_deploy.contract import CheckpointHeader
+from ghost_deploy.errors import UserError
 from ghost_deploy.model import build_model
 from ghost_deploy.model.detector import INPUT_CHANNELS
 from ghost_deploy.quant import calibrate_activations, plan_from_bits, quant_layers, quantize_model
+from ghost_deploy.quant.hq import choose_plan
 from ghost_deploy.quant.trace import conv_names, example_inputs
 from ghost_deploy.recipe import DEFAULTS
 
@@ -167,3 +169,33 @@ def save_sample_checkpoint(path: str | os.PathLike, model_name: str = "ghost-n",
         input_names=list(model.input_names), img_size=img_size, sr=False, data=None, recipe=recipe,
         strides=model.detect.stride.tolist(), anchors_pixels=model.detect.anchors_pixels.tolist(), bit_plan=plan)
     return save_checkpoint(path, model, header)
+
+
+def sample_bits(model_name: str, bits: str, img_size: int, nc: int, seed: int, threshold: float = 0.1):
+    """What `--bits` means for `make_sample`: 'fp32' (a teacher), 'hq' (HQ's k-means rule on the sample's own
+    weights at threshold T), 'mixed' (random 3..8 bits per layer), or N (every conv at N bits)."""
+    if bits == "fp32":
+        return None
+    if bits == "mixed":
+        return (3, 8)
+    if bits == "hq":
+        teacher, _ = build_sample_model(model_name, nc, img_size=img_size, weight_bits=None, seed=seed)
+        plan = choose_plan(teacher, "hq", img_size, threshold=threshold, seed=seed)
+        return {name: layer.weight_bits for name, layer in plan.layers.items()}
+    if not bits.isdigit() or not 2 <= int(bits) <= 8:
+        raise UserError("--bits", f"must be hq, mixed, fp32 or a number of bits 2..8, got {bits!r}")
+    return int(bits)
+
+
+def make_sample(model_name: str, out, *, img_size: int = 512, bits: str = "hq", nc: int = 8, seed: int = 0,
+                snap: bool = False, threshold: float = 0.1) -> Path:
+    """A random-weight, calibrated checkpoint of any config, to try export, build-engine and bench on the real
+    architecture before training. Off the power-of-two grid like a trained model unless `snap` (then any two
+    correct backends compute it bit for bit, which hides the float32 rounding a trained model shows)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError("--out", f"{out} must end in .safetensors")
+    weight_bits = sample_bits(model_name, bits, img_size, nc, seed, threshold)
+    model, plan = build_sample_model(model_name, nc, img_size=img_size, weight_bits=weight_bits, seed=seed,
+                                     exact_grid=snap)
+    return save_sample_checkpoint(out, model_name=model_name, nc=nc, img_size=img_size, model=model, plan=plan)

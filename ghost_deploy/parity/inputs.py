@@ -44,8 +44,8 @@ def budgets_from_recipe(recipe: dict | None) -> Budgets:
 
 
 def parity_arithmetic(recipe: dict | None) -> str:
-    """Which comparison decides the gate: "float32" (default; checkpoints before 0.2.0 have no key) or "exact"."""
-    return str(((recipe or {}).get("parity") or {}).get("arithmetic", "float32"))
+    """Which comparison decides the gate: "exact" (the default, also for checkpoints that name none) or "float32"."""
+    return str(((recipe or {}).get("parity") or {}).get("arithmetic", "exact"))
 
 
 def parity_image_count(recipe: dict | None, default: int = 8) -> int:
