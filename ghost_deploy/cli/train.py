@@ -54,7 +54,7 @@ def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, amp, 
 @click.option("--data", type=click.Path(), default=None, help="Dataset YAML (default: the recipe's; demo: the embedded set).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe>).")
 @click.option("--target", default="jetson-orin-nano", show_default=True, help="Engine target profile (engines/targets).")
-@click.option("--bench-iterations", type=int, default=50, show_default=True, help="Timed iterations per backend.")
+@click.option("--bench-iterations", type=click.IntRange(min=1), default=50, show_default=True, help="Timed iterations per backend.")
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs did not change.")
 @no_progress_option
 @handle_cli_errors
