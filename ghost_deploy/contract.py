@@ -185,8 +185,8 @@ class OnnxMetadata:
     def is_ours(cls, metadata: dict[str, str]) -> bool:
         return cls.FORMAT_KEY in metadata
 
-    def checksum_of_plan(self) -> str | None:
-        """Equal for two exports of the same bit plan (their other forms are compared by it)."""
+    def plan_key(self) -> str | None:
+        """Equal for two exports of the same bit plan (an export's other forms are found by it)."""
         return None if self.bit_plan is None else json.dumps(self.bit_plan.to_dict(), sort_keys=True)
 
     @property

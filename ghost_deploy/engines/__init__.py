@@ -10,7 +10,6 @@ written instead, and the result says plainly that no engine was built and why (s
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -71,12 +70,6 @@ def why_no_engine(profile, environment: dict) -> str | None:
 EXPORT_FORMAT_KEY = metadata_key("format")  # every ONNX `export` writes carries it (contract.OnnxMetadata)
 
 
-def _onnx_installed() -> bool:
-    # Without the onnx package the metadata cannot be read at all; then only the parity-set pairing is checked.
-
-    return importlib.util.find_spec("onnx") is not None
-
-
 def _check_pairing(onnx_path: Path, parity_set, parity_path: Path) -> None:
     """The parity set must be the one made for this very ONNX. Export records the graph's content hash in it
     (nodes, initializers, opsets, I/O names and types), so a tool that only adds shape information keeps the
@@ -128,7 +121,7 @@ def _matching_cpu_form(onnx_path: Path, meta: OnnxMetadata) -> Path | None:
         if not OnnxMetadata.is_ours(props):
             continue
         other = OnnxMetadata.from_strings(props, source=candidate)
-        if other.target == "cpu" and not other.int4_weights and other.checksum_of_plan() == meta.checksum_of_plan() \
+        if other.target == "cpu" and not other.int4_weights and other.plan_key() == meta.plan_key() \
                 and other.checkpoint_sha256 == meta.checkpoint_sha256:
             return candidate
     return None
@@ -241,7 +234,7 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     if not onnx_path.is_file():
         raise UserError(onnx_path, "ONNX file not found")
     metadata = read_metadata_props(onnx_path)
-    if require_export and not metadata.get(EXPORT_FORMAT_KEY) and _onnx_installed():
+    if require_export and not metadata.get(EXPORT_FORMAT_KEY):
         raise UserError(onnx_path, "not a ghost-deploy export (no ghost.format metadata): build engines from "
                                    "the ONNX `ghost-deploy export` wrote")
     profile = resolve_target(target)
