@@ -87,3 +87,28 @@ def test_malformed_annotation_is_user_error(tmp_path, text, problem):
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(UserError, match="annotation file not found"):
         convert_vedai(tmp_path / "none.txt", tmp_path / "labels")
+
+
+def test_object_free_images_get_an_empty_label_file(tmp_path):
+    """An image with no line in the annotation file still gets a label file (from a fold list or the image
+    folder), so the loader keeps it in training and evaluation instead of dropping it."""
+    from click.testing import CliRunner
+
+    from ghost_deploy.cli.data import data_group
+
+    annotations = tmp_path / "annotation1024.txt"
+    annotations.write_text(line(5, 1, [10, 30, 30, 10], [10, 10, 30, 30]) + "\n")
+    fold = tmp_path / "fold01.txt"
+    fold.write_text("00000005\n00000007\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "00000009_co.png").write_bytes(b"")
+    out = tmp_path / "labels"
+    result = CliRunner().invoke(data_group, ["convert-vedai", str(annotations), str(out), "--ids", str(fold),
+                                             "--images", str(images)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["00000005.txt", "00000007.txt", "00000009.txt"]
+    assert (out / "00000007.txt").read_text() == "" and (out / "00000009.txt").read_text() == ""
+    assert (out / "00000005.txt").read_text().strip()
+    bad = CliRunner().invoke(data_group, ["convert-vedai", str(annotations), str(out), "--images", str(tmp_path / "no")])
+    assert bad.exit_code == 2 and "image folder not found" in bad.output

@@ -112,3 +112,17 @@ def _pad_id(annotation_file: Path, value, number: int | None = None) -> str:
         where = f"line {number}: " if number else ""
         raise UserError(annotation_file, f"{where}image id {text!r} is not a number of at most 8 digits")
     return text.zfill(8)
+
+
+def known_image_ids(id_lists=(), images_dir=None, annotation_file=None) -> list[str]:
+    """Every image id the user knows of: the annotated ones, the ids of fold lists, the `<id>_co.*` files of a folder."""
+    ids = set(read_annotations(Path(annotation_file))) if annotation_file else set()
+    for listing in id_lists:
+        text = read_user_text(listing, "id list")
+        ids.update(_pad_id(Path(listing), line.strip()) for line in text.splitlines() if line.strip())
+    if images_dir is not None:
+        folder = Path(images_dir)
+        if not folder.is_dir():
+            raise UserError(folder, "image folder not found")
+        ids.update(_pad_id(folder, path.name.split("_co")[0]) for path in folder.iterdir() if "_co." in path.name)
+    return sorted(ids)
