@@ -146,13 +146,21 @@ def name_tensors_after_nodes(model: onnx.ModelProto) -> None:
             info.name = renamed[info.name]
 
 
-def read_metadata_props(onnx_path) -> dict[str, str]:
-    """An ONNX file's metadata_props as a dict, without loading external weight data."""
+def load_onnx(onnx_path) -> onnx.ModelProto:
+    """An ONNX file without its external weight data; a one-line UserError when it is not readable ONNX."""
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        return onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError / OSError variants
         raise UserError(onnx_path, f"cannot read ONNX ({type(exc).__name__}: {exc})") from None
+
+
+def metadata_props(model: onnx.ModelProto) -> dict[str, str]:
     return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def read_metadata_props(onnx_path) -> dict[str, str]:
+    """An ONNX file's metadata_props as a dict, without loading external weight data."""
+    return metadata_props(load_onnx(onnx_path))
 
 
 def onnx_metadata(onnx_path) -> OnnxMetadata | None:

@@ -14,14 +14,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from ghost_deploy.bench.prepost import head_outputs
 from ghost_deploy.bench.sizes import onnx_precision
 from ghost_deploy.checkpoint import model_from_checkpoint, read_meta
 from ghost_deploy.contract import metadata_key
-from ghost_deploy.engines.openvino import OpenVinoRunner, OpenVinoUnavailable, openvino_form, openvino_version
+from ghost_deploy.engines.openvino import OpenVinoRunner, OpenVinoUnavailable, open_onnx, openvino_version
+from ghost_deploy.engines.receipt import load_receipt
 from ghost_deploy.engines.trt import EngineRunner, TensorRTUnavailable
 from ghost_deploy.errors import UserError
 from ghost_deploy.export.reference import TorchRunner
@@ -264,8 +264,7 @@ class OpenVinoBackend(Backend):
     def _open(self) -> Runner:
         try:
             if self.path.suffix.lower() in (".onnx", ".xml"):
-                form, _ = openvino_form(onnx.load(str(self.path)))
-                return OpenVinoRunner(self.path, self.threads, inference_precision=self.inference_precision, model=form)
+                return open_onnx(self.path, self.threads, inference_precision=self.inference_precision)[0]
             return OpenVinoRunner(self.path, self.threads, inference_precision=self.inference_precision)
         except OpenVinoUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
@@ -277,9 +276,11 @@ class OpenVinoBackend(Backend):
 def _engine_runtime(path: Path) -> str:
     """'openvino' or 'tensorrt', from the receipt beside the engine (TensorRT when there is none)."""
     receipt = path.with_suffix(".receipt.json")
+    if not receipt.is_file():
+        return "tensorrt"
     try:
-        return json.loads(receipt.read_text(encoding="utf-8")).get("runtime", "tensorrt")
-    except (OSError, ValueError, AttributeError):
+        return load_receipt(receipt).runtime  # the one receipt decoder (contract.Receipt)
+    except UserError:  # an unreadable receipt: as before, the engine is taken for TensorRT's
         return "tensorrt"
 
 

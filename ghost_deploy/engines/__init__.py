@@ -30,7 +30,7 @@ from ghost_deploy.engines.targets import list_targets, load_target, resolve_targ
 from ghost_deploy.engines.trt import EngineRunner, build_engine
 from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.io import sha256_file
-from ghost_deploy.onnx_graph import check_binding, read_metadata_props
+from ghost_deploy.onnx_graph import check_binding, load_onnx, metadata_props, read_metadata_props
 from ghost_deploy.parity.compare import Budgets
 from ghost_deploy.parity.gate import run_parity
 from ghost_deploy.parity.parityset import load_parity_set
@@ -70,14 +70,14 @@ def why_no_engine(profile, environment: dict) -> str | None:
 EXPORT_FORMAT_KEY = metadata_key("format")  # every ONNX `export` writes carries it (contract.OnnxMetadata)
 
 
-def _check_pairing(onnx_path: Path, parity_set, parity_path: Path) -> None:
+def _check_pairing(onnx_path: Path, model: onnx.ModelProto, parity_set, parity_path: Path) -> None:
     """The parity set must be the one made for this very ONNX. Export records the graph's content hash in it
     (nodes, initializers, opsets, I/O names and types), so a tool that only adds shape information keeps the
     pairing; sets written before that record the file's sha256."""
-    meta, metadata = parity_set.meta, read_metadata_props(onnx_path)
+    meta, metadata = parity_set.meta, metadata_props(model)
     graph_hash = metadata.get(OnnxMetadata.HASH_KEY)
     if meta.graph_sha256 and graph_hash:
-        check_binding(onnx_path, onnx.load(str(onnx_path)), metadata)  # the metadata itself is not edited
+        check_binding(onnx_path, model, metadata)  # the metadata itself is not edited
         if meta.graph_sha256 == graph_hash:
             return
     elif not meta.onnx_sha256 or meta.onnx_sha256 == sha256_file(onnx_path):
@@ -134,9 +134,8 @@ def engine_budgets(profile, parity_set, override: dict | None = None) -> Budgets
     return Budgets.from_dict({**(parity_set.meta.budgets or {}), **profile.parity})
 
 
-def check_parity_inputs(onnx_path: Path, parity_set) -> None:
+def check_parity_inputs(onnx_path: Path, model: onnx.ModelProto, parity_set) -> None:
     """The parity inputs must fit the ONNX's inputs (names, rank, fixed dims, float32): the device would reject them."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
     declared = {i.name: i for i in model.graph.input if i.name not in initializers}
     for name, array in parity_set.inputs.items():
@@ -233,14 +232,16 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
         raise UserError(onnx_path, "ONNX file not found")
-    metadata = read_metadata_props(onnx_path)
+    model = load_onnx(onnx_path)  # read once: metadata, pairing and input checks all look at it
+    metadata = metadata_props(model)
     if require_export and not metadata.get(EXPORT_FORMAT_KEY):
         raise UserError(onnx_path, "not a ghost-deploy export (no ghost.format metadata): build engines from "
                                    "the ONNX `ghost-deploy export` wrote")
     profile = resolve_target(target)
     chosen = _form_for(profile, onnx_path, metadata)
     if chosen != onnx_path:
-        onnx_path, metadata, parity_set = chosen, read_metadata_props(chosen), None
+        onnx_path, model, parity_set = chosen, load_onnx(chosen), None
+        metadata = metadata_props(model)
     cores = _dla_cores(dla_core)
     if cores and profile.dla_cores and max(cores) >= profile.dla_cores:
         raise UserError(profile.source_path, f"{profile.name} has {profile.dla_cores} DLA core(s); asked for {cores}")
@@ -251,8 +252,8 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
         raise UserError(parity_path, "parity set not found (export writes it beside the ONNX; or pass --parity-set)")
     loaded = load_parity_set(parity_path)
     budget = engine_budgets(profile, loaded, budgets)
-    _check_pairing(onnx_path, loaded, parity_path)
-    check_parity_inputs(onnx_path, loaded)
+    _check_pairing(onnx_path, model, loaded, parity_path)
+    check_parity_inputs(onnx_path, model, loaded)
     bit_plan = read_bit_plan(onnx_path, metadata)
     hashes = file_hashes(checkpoint=checkpoint, onnx=onnx_path, parity_set=parity_path)
     stamped = metadata.get(metadata_key("checkpoint_sha256"))

@@ -211,13 +211,19 @@ def openvino_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     return model, rewritten
 
 
+def open_onnx(onnx_path, threads: int | None = None, *, inference_precision: str | None = "f32",
+              batch: int = 1) -> tuple[OpenVinoRunner, list[str]]:
+    """A runner over `onnx_path` compiled in its OpenVINO form (`openvino_form`), and the pairs the edit re-encoded."""
+    form, rewritten = openvino_form(onnx.load(str(onnx_path)))
+    return OpenVinoRunner(onnx_path, threads, inference_precision=inference_precision, batch=batch, model=form), rewritten
+
+
 def compile_engine(onnx_path, engine_path, *, threads: int | None = None, inference_precision: str = "f32",
                    batch: int = 1) -> dict:
     """Compile `onnx_path` (in its OpenVINO form) for this CPU, write the blob atomically, return the build facts."""
     ov = _import_ov()
     started = time.perf_counter()
-    form, rewritten = openvino_form(onnx.load(str(onnx_path)))
-    runner = OpenVinoRunner(onnx_path, threads, inference_precision=inference_precision, batch=batch, model=form)
+    runner, rewritten = open_onnx(onnx_path, threads, inference_precision=inference_precision, batch=batch)
     build_seconds = time.perf_counter() - started
     exported = runner.compiled.export_model()
     with atomic_path(engine_path) as tmp:
