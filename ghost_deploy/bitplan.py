@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from ghost_deploy.errors import UserError
-from ghost_deploy.io import write_json_atomic
+from ghost_deploy.io import parse_user_json, read_user_json, write_json_atomic
 
 FORMAT = "ghost-deploy/bit-plan"
 VERSION = 1
@@ -23,6 +23,8 @@ MIN_BITS, MAX_BITS = 2, 8
 FLOAT_BYTES = 4
 LAYER_KEYS = ("weight_bits", "act_bits", "params", "macs", "criterion", "input_tensor", "act_quantizer", "out_channels",
               "bias_params")
+PLAN_KEYS = ("format", "version", "model_name", "method", "threshold", "budget", "image_size", "notes", "summary",
+             "layers")
 
 
 @dataclass
@@ -92,6 +94,9 @@ class BitPlan:
             raise UserError(source, "not a bit plan: expected a JSON object with a 'layers' mapping")
         if data.get("format", FORMAT) != FORMAT:
             raise UserError(source, f"format is {data.get('format')!r}, expected {FORMAT!r}")
+        unknown = sorted(set(data) - set(PLAN_KEYS))
+        if unknown:
+            raise UserError(source, f"unknown key {unknown[0]!r} (known: {', '.join(PLAN_KEYS)})")
         layers = {}
         for name, entry in data["layers"].items():
             layers[name] = _parse_layer(name, entry, source)
@@ -113,11 +118,7 @@ class BitPlan:
 
     @classmethod
     def from_json(cls, text: str, source: str | os.PathLike | None = None) -> "BitPlan":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(source, f"not valid JSON ({exc})") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(parse_user_json(text, source, "bit plan"), source)
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
@@ -125,11 +126,7 @@ class BitPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BitPlan":
         """Read a plan file (`quant.plans.check_plan_against_model` then checks it against a model)."""
-        try:
-            text = open(path, encoding="utf-8").read()
-        except OSError as exc:
-            raise UserError(path, f"cannot read bit plan ({exc.strerror})") from None
-        return cls.from_json(text, source=path)
+        return cls.from_dict(read_user_json(path, "bit plan"), source=path)
 
     # --- views ---
     def summary(self) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as save_tensors
 
 from ghost_deploy.contract import CHECKPOINT_FORMAT, CheckpointHeader
 from ghost_deploy.errors import UserError
@@ -52,8 +52,11 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, header: Che
     for key, value in (extra or {}).items():
         tensors[key] = value.detach().to("cpu").contiguous()
     path = Path(path)
+    # Serialised in memory, then written by Python: a full or read-only disk is then an OSError that atomic_path
+    # reports naming `path` (safetensors' own writer raises an opaque SafetensorError).
+    data = save_tensors(tensors, metadata={"ghost": json.dumps(header.to_dict())})
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ghost": json.dumps(header.to_dict())})
+        tmp.write_bytes(data)
     return path
 
 

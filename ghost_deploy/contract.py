@@ -40,6 +40,28 @@ def _require(source, data, key: str, kind, what: str):
     return value
 
 
+def _check_kinds(values: dict, kinds: dict, what: str, source) -> None:
+    """Each present key of `values` has its kind in `kinds` (None allowed where the kinds include NoneType)."""
+    for key, allowed in kinds.items():
+        value = values.get(key)
+        if key in values and (not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+            raise UserError(source, f"{what} {key!r} must be {names}, got {type(value).__name__}")
+
+
+_OPTIONAL = type(None)
+PARITY_META_KINDS = {
+    "head_output_names": (list,), "image_paths": (list,), "image_sha256": (list,), "image_source": (str,),
+    "img_size": (int, _OPTIONAL), "strides": (list, _OPTIONAL), "anchors_pixels": (list, _OPTIONAL),
+    "nc": (int, _OPTIONAL), "names": (list,), "budgets": (dict, _OPTIONAL), "output_scales": (dict, _OPTIONAL),
+    "checkpoint_sha256": (str, _OPTIONAL), "reference": (str,), "arithmetic": (str, _OPTIONAL),
+    "onnx_sha256": (str, _OPTIONAL), "graph_sha256": (str, _OPTIONAL),
+}
+RECEIPT_KINDS = {"target": (dict, _OPTIONAL), "hashes": (dict, _OPTIONAL), "environment": (dict, _OPTIONAL),
+                 "parity": (dict, _OPTIONAL), "bit_plan": (dict, _OPTIONAL), "engine": (str, _OPTIONAL),
+                 "runtime": (str,), "created_utc": (str,)}
+
+
 def _plan(value, source) -> BitPlan | None:
     return None if value is None else BitPlan.from_dict(value, source=source)
 
@@ -247,8 +269,9 @@ class ParityMeta:
         known = {item.name for item in fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known}
         for key in ("input_names", "output_names"):
-            if not isinstance(values.get(key), list):
+            if not isinstance(values.get(key), list) or not all(isinstance(name, str) for name in values[key]):
                 raise UserError(source, f"parity set meta {key!r} must be a list of names")
+        _check_kinds(values, PARITY_META_KINDS, "parity set meta", source)
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
     @property
@@ -294,6 +317,7 @@ class Receipt:
     def from_dict(cls, data, source=None) -> "Receipt":
         if not isinstance(data, dict) or data.get("schema") != RECEIPT_SCHEMA:
             raise UserError(source, f"not a ghost-deploy engine receipt (schema must be {RECEIPT_SCHEMA})")
+        _check_kinds(data, RECEIPT_KINDS, "receipt", source)
         build = {k: data[k] for k in cls.BUILD_KEYS if k in data} if data.get("built") else None
         fixed = {"schema", "created_utc", "built", "runtime", "engine", "target", "hashes", "environment", "bit_plan",
                  "parity"}

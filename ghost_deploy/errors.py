@@ -6,6 +6,7 @@ report is saved, and the CLI exits with code 1. Anything else is a bug and keeps
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -15,18 +16,32 @@ import click
 
 EXIT_PARITY = 1
 EXIT_USER = 2
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ELOOP, errno.ENAMETOOLONG})
 
 
 class UserError(Exception):
     """Bad input: names the file (or option) and the problem in one line."""
 
-    def __init__(self, path: str | os.PathLike | None, problem: str):
+    def __init__(self, path: str | os.PathLike | None, problem: str | None = None):
+        if problem is None:  # rebuilt from a message alone: a DataLoader worker's error (see _from_worker_message)
+            path, problem = _from_worker_message(str(path))
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(self.line())
 
     def line(self) -> str:
         return f"{self.path}: {self.problem}" if self.path else self.problem
+
+
+def _from_worker_message(message: str) -> tuple[None, str]:
+    """PyTorch re-raises a worker's exception as `type(message)`, the message being "Caught UserError in
+    DataLoader worker process N. Original Traceback ...". Its last line is ours ("...UserError: <path>: <problem>"),
+    which is all the user needs: the error stays one line, not a RuntimeError traceback."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else message
+    marker = "UserError: "
+    return None, last.split(marker, 1)[1] if marker in last else last
 
 
 class ParityError(Exception):
@@ -57,6 +72,13 @@ def handle_cli_errors(func):
                 traceback.print_exc()
             click.echo(f"parity gate FAILED: {error}", err=True)
             sys.exit(EXIT_PARITY)
+        except OSError as error:
+            # A path the system refuses that no stage translated (a folder made for output on a read-only or full
+            # disk, a file where a folder should be): still one line naming it. Other OSErrors keep their traceback.
+            if error.filename is None or error.errno not in ENVIRONMENT_ERRNOS or DEBUG["on"]:
+                raise
+            click.echo(f"error: {error.filename}: {error.strerror}", err=True)
+            sys.exit(EXIT_USER)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing half-written was kept", err=True)
             sys.exit(130)

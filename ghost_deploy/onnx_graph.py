@@ -7,6 +7,7 @@ the engine stage and bench share one view.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -149,9 +150,25 @@ def name_tensors_after_nodes(model: onnx.ModelProto) -> None:
 def load_onnx(onnx_path) -> onnx.ModelProto:
     """An ONNX file without its external weight data; a one-line UserError when it is not readable ONNX."""
     try:
-        return onnx.load(str(onnx_path), load_external_data=False)
+        model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError / OSError variants
         raise UserError(onnx_path, f"cannot read ONNX ({type(exc).__name__}: {exc})") from None
+    missing = missing_external_data(model, Path(onnx_path).parent)
+    if missing:  # said here, before a hash or a pairing check reports it as an edited graph
+        raise UserError(onnx_path, f"its external weight data file {missing[0]} is missing (it must sit beside the "
+                                   "ONNX, as exported)")
+    return model
+
+
+def missing_external_data(model: onnx.ModelProto, folder: Path) -> list[str]:
+    """Files the model's initializers keep their data in (external data) that do not exist in `folder`."""
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            if entries.get("location"):
+                locations.add(entries["location"])
+    return sorted(location for location in locations if not (folder / location).is_file())
 
 
 def metadata_props(model: onnx.ModelProto) -> dict[str, str]:

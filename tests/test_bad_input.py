@@ -341,7 +341,7 @@ def test_train_bad_teacher_checkpoint(fx, tmp_path, kind):
 
 
 BAD_PLANS = {
-    "absent": "cannot read bit plan (No such file or directory)",
+    "absent": "bit plan not found",
     "unknown-layer": "unknown layer 'model.99.conv': not a conv of this model",
     "bits-9": "weight_bits 9 is not allowed (use 2..8, or 32/null for float)",
     "bits-1": "weight_bits 1 is not allowed (use 2..8, or 32/null for float)",
@@ -371,7 +371,7 @@ def test_plan_bad_checkpoint(fx, tmp_path, kind):
 
 # ------------------------------------------------------------------------------------------ export
 EXPORT_CASES = {**{kind: BAD_CHECKPOINTS[kind] for kind in ("absent", "missing-tensor", "nan", "foreign", "truncated")},
-                "fp32-without---fp32": "checkpoint has no bit plan (an FP32 model): export it with fp32=True (--fp32)"}
+                "fp32-without---fp32": "checkpoint has no bit plan (an FP32 model): export it with --fp32 (fp32=True from Python)"}
 
 
 @pytest.mark.parametrize("kind", sorted(EXPORT_CASES))

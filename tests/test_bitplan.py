@@ -88,7 +88,7 @@ def test_loader_rejects_bad_plans_naming_file_and_layer(mixed_plan, tmp_path, ti
 
 
 def test_loader_rejects_unreadable_files(tmp_path):
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="bit plan not found"):
         BitPlan.load(tmp_path / "absent.json")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")

@@ -9,30 +9,73 @@ latencies say nothing about the model.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from ghost_deploy.bench.jetson import same_power_mode
 from ghost_deploy.errors import UserError
+from ghost_deploy.io import read_user_json
 
 FORMAT_PREFIX = "ghost-deploy/bench/"
 
 
 def load_result(path: str | os.PathLike) -> dict:
+    """A bench.json, checked wherever `compare_results` reads it: a bad file is one line naming it and the key."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(path, "bench result not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(path, f"cannot read bench result ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(path, f"not valid JSON ({exc})") from None
+    data = read_user_json(path, "bench result")
     if not isinstance(data, dict) or not str(data.get("format", "")).startswith(FORMAT_PREFIX):
         raise UserError(path, "not a ghost-deploy bench result (no 'format': 'ghost-deploy/bench/...')")
     if data["format"] != "ghost-deploy/bench/v1":
         raise UserError(path, f"bench result format {data['format']!r} is not one this version reads (v1)")
+    _check_result(data, path)
     return data
+
+
+# What compare_results reads from a result, each key with the kind it must have ("?" allows null) and whether it
+# must be there; a number is finite and never a bool.
+_KINDS = {"number": (int, float), "integer": (int,), "string": (str,), "object": (dict,), "list": (list,)}
+_SECTION_KEYS = (("machine", "object", False), ("settings", "object", False), ("model", "object", False),
+                 ("board", "object?", False), ("backends", "list", True))
+_BACKEND_KEYS = (("name", "string", True), ("latency", "list", True), ("size_mb", "number?", False),
+                 ("accuracy", "object?", False))
+_LATENCY_KEYS = (("batch", "integer", True), ("infer", "object", False))
+_INFER_KEYS = (("p50_ms", "number", True), ("p99_ms", "number", True), ("throughput_ips", "number?", False))
+_ACCURACY_KEYS = (("mAP50", "number", True), ("mAP50_95", "number", True))
+
+
+def _fits(value, kind: str) -> bool:
+    if value is None:
+        return kind.endswith("?")
+    if isinstance(value, bool) or not isinstance(value, _KINDS[kind.rstrip("?")]):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _check_keys(container, where: str, keys, path) -> None:
+    if not isinstance(container, dict):
+        raise UserError(path, f"{where.rstrip('.') or 'the result'} must be an object, got {json.dumps(container)[:40]}")
+    for key, kind, required in keys:
+        if key not in container:
+            if required:
+                raise UserError(path, f"{where}{key} is missing (not a complete bench result)")
+        elif not _fits(container[key], kind):
+            wanted = kind.rstrip("?") + (" or null" if kind.endswith("?") else "")
+            raise UserError(path, f"{where}{key} must be {'an' if wanted[0] in 'aeiou' else 'a'} {wanted}, "
+                                  f"got {json.dumps(container[key])[:40]}")
+
+
+def _check_result(data: dict, path) -> None:
+    _check_keys(data, "", _SECTION_KEYS, path)
+    for index, record in enumerate(data["backends"]):
+        where = f"backends[{index}]"
+        _check_keys(record, f"{where}.", _BACKEND_KEYS, path)
+        if record.get("accuracy") is not None:
+            _check_keys(record["accuracy"], f"{where}.accuracy.", _ACCURACY_KEYS, path)
+        for position, entry in enumerate(record["latency"]):
+            _check_keys(entry, f"{where}.latency[{position}].", _LATENCY_KEYS, path)
+            if "infer" in entry:
+                _check_keys(entry["infer"], f"{where}.latency[{position}].infer.", _INFER_KEYS, path)
 
 
 def _relative(new: float | None, old: float | None) -> float | None:

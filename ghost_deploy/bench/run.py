@@ -366,12 +366,13 @@ def run_bench(artifacts: dict, out_dir: str | os.PathLike, data: str | os.PathLi
               batch_sizes: Sequence[int] = (1,), iterations: int = 100, split: str = "val",
               max_images: int | None = None, progress: bool = True, threads: int | None = None,
               device: str = "cpu", warmup: WarmupPolicy | None = None, power_seconds: float = 3.0,
-              plots: bool = True, log: Callable[[str], None] = print) -> dict:
+              plots: bool = True, log: Callable[[str], None] = print, accuracy: bool = True) -> dict:
     """Bench every backend the artifacts give; write bench.json, report.md and plots into `out_dir`.
 
     Args:
         artifacts: paths by kind: `teacher`/`ghost`/`checkpoints` (.safetensors), `onnx`, `engines`.
         data: dataset YAML for mAP on `split` (first `max_images` images); None skips accuracy.
+        accuracy: False times `data`'s images without scoring mAP (bench --no-accuracy --data).
         batch_sizes: batch sizes to time; iterations: timed runs per backend and batch size.
         threads: intra-op threads given to PyTorch and ONNX Runtime alike (default: PyTorch's default).
     Returns the result dict (the JSON's content, plus `outputs`: the paths written).
@@ -392,11 +393,12 @@ def run_bench(artifacts: dict, out_dir: str | os.PathLike, data: str | os.PathLi
     files = artifact_sizes(artifacts)
     bit_plan = _bit_plan_summary(artifacts)
     frames, frame_paths = _frames(data, split, spec, batch_sizes)
+    scored = data if accuracy else None
     feeds = {b: preprocess(frames[b], spec.input_names, spec.img_size) for b in batch_sizes}
     backends = backends_from_artifacts(artifacts, threads=threads, device=device)
     log(f"bench: {len(backends)} backend(s), batch {batch_sizes}, {iterations} timed runs each, {threads} threads")
     try:
-        records = _measure(backends, spec, frames, feeds, data, split, max_images, iterations, policy, board,
+        records = _measure(backends, spec, frames, feeds, scored, split, max_images, iterations, policy, board,
                            power_seconds, progress, log)
     finally:
         for backend in backends:
@@ -404,7 +406,8 @@ def run_bench(artifacts: dict, out_dir: str | os.PathLike, data: str | os.PathLi
     for record in records:
         record["size_mb"] = _primary_size(record, files)
 
-    notes = [] if data else ["no dataset given: accuracy not measured (pass --data)"]
+    notes = [] if scored else ["accuracy not measured (--no-accuracy)" if data else
+                               "no dataset given: accuracy not measured (pass --data)"]
     result = {
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -12,7 +12,7 @@ from ghost_deploy.bench.report import format_summary
 from ghost_deploy.bench.run import artifacts_from_run, normalise_artifacts, run_bench
 from ghost_deploy.bench.timing import WarmupPolicy
 from ghost_deploy.checkpoint import read_meta
-from ghost_deploy.cli.options import device_option, threads_option
+from ghost_deploy.cli.options import NON_NEGATIVE_FLOAT, device_option, threads_option
 from ghost_deploy.errors import EXIT_PARITY, UserError, handle_cli_errors
 
 DEFAULT_RUN = Path("runs") / "demo"
@@ -44,13 +44,13 @@ def _gate(old_path: str, old: dict, new: dict, max_regression: float, max_map_dr
 @click.option("--onnx", multiple=True, type=click.Path(), help="ONNX to run with ONNX Runtime on the CPU. Repeatable.")
 @click.option("--engine", multiple=True, type=click.Path(), help="TensorRT engine (needs TensorRT and its GPU). Repeatable.")
 @click.option("--data", default=None, help="Dataset YAML for mAP (default: the checkpoint's dataset if present).")
-@click.option("--no-accuracy", is_flag=True, help="Skip mAP even when a dataset is known.")
+@click.option("--no-accuracy", is_flag=True, help="Skip mAP even when a dataset is known (--data still gives the frames timed).")
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Score only the first N images of the split.")
 @click.option("--batch", "batch_sizes", multiple=True, type=click.IntRange(min=1), default=(1,), show_default=True,
               help="Batch size to time. Repeatable (e.g. --batch 1 --batch 4).")
 @click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per backend and batch size.")
-@click.option("--warmup-cv", type=click.FloatRange(min=0), default=0.10, show_default=True,
+@click.option("--warmup-cv", type=NON_NEGATIVE_FLOAT, default=0.10, show_default=True,
               help="Warm-up ends when the coefficient of variation of the last 10 runs is at most this.")
 @click.option("--warmup-max", type=click.IntRange(min=1), default=300, show_default=True,
               help="Most warm-up runs per backend and batch size (also capped at 20 s).")
@@ -59,9 +59,9 @@ def _gate(old_path: str, old: dict, new: dict, max_regression: float, max_map_dr
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (default RUN/bench or runs/bench).")
 @click.option("--compare", "compare_to", type=click.Path(), default=None, help="Older bench.json: print deltas, exit 1 past the thresholds.")
 @click.option("--against", type=click.Path(), default=None, help="With --compare: compare this saved bench.json instead of running.")
-@click.option("--max-regression", type=click.FloatRange(min=0), default=0.10, show_default=True,
+@click.option("--max-regression", type=NON_NEGATIVE_FLOAT, default=0.10, show_default=True,
               help="Largest allowed relative growth of p50 latency (0.10 = 10 %).")
-@click.option("--max-map-drop", type=click.FloatRange(min=0), default=0.01, show_default=True,
+@click.option("--max-map-drop", type=NON_NEGATIVE_FLOAT, default=0.01, show_default=True,
               help="Largest allowed absolute drop of mAP50 or mAP50:95.")
 @click.option("--no-plots", is_flag=True, help="Write the JSON and Markdown without PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -98,16 +98,14 @@ def bench_command(run_dir, checkpoint, onnx, engine, data, no_accuracy, split, m
     for key, paths in explicit.items():
         artifacts[key] = [*artifacts.get(key, []), *paths]
     artifacts = normalise_artifacts(artifacts)
-    if no_accuracy:
-        data = None
-    elif data is None:
-        data = _default_data(artifacts)
+    if data is None and not no_accuracy:
+        data = _default_data(artifacts)  # with --no-accuracy and no --data: synthetic frames, nothing to score
     out = Path(out_dir) if out_dir else (Path(run_dir) / "bench" if run_dir else Path("runs") / "bench")
     result = run_bench(artifacts, out, data=data, batch_sizes=batch_sizes, iterations=iterations, split=split,
                        max_images=max_images, progress=not no_progress, threads=threads, device=device,
                        warmup=WarmupPolicy(cv_target=warmup_cv, max_iterations=warmup_max,
                                            min_iterations=min(WarmupPolicy.min_iterations, warmup_max)),
-                       plots=not no_plots, log=click.echo)
+                       plots=not no_plots, log=click.echo, accuracy=not no_accuracy)
     click.echo("")
     click.echo(format_summary(result))
     click.echo(f"\nwrote {result['outputs']['json']} and {result['outputs']['report']}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ghost_deploy.checkpoint import model_from_checkpoint
+from ghost_deploy.cli.options import COUNT, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT
 from ghost_deploy.data.calib import DEFAULT_BRIGHTNESS_BINS, EMBEDDED, calib_batches, load_calib_set, make_calib_set
 from ghost_deploy.data.dataset import Dataset
 from ghost_deploy.errors import handle_cli_errors
@@ -20,13 +21,13 @@ def calib_group() -> None:
 
 @calib_group.command("make")
 @click.option("--data", default=EMBEDDED, show_default=True, help="Dataset YAML, or 'embedded' for the demo set.")
-@click.option("--n", "count", type=int, default=256, show_default=True, help="Pairs to choose.")
+@click.option("--n", "count", type=COUNT, default=256, show_default=True, help="Pairs to choose.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--name", default=None,
               help="Set name (default <dataset>-<split>-<n>); the file is <out-dir>/<name>.yaml.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), default="calib", show_default=True)
-@click.option("--brightness-bins", type=int, default=DEFAULT_BRIGHTNESS_BINS, show_default=True,
+@click.option("--brightness-bins", type=COUNT, default=DEFAULT_BRIGHTNESS_BINS, show_default=True,
               help="Brightness bins per modality (at the split's quantiles).")
 @click.option("--force", is_flag=True, help="Replace an existing manifest of that name with different content.")
 @handle_cli_errors
@@ -46,8 +47,8 @@ def make_command(data, count, split, name, seed, out_dir, brightness_bins, force
 @click.option("--weights", required=True, type=click.Path(), metavar="CKPT", help="Checkpoint (FP32 or quantized).")
 @click.option("--calib", "manifest", required=True, type=click.Path(), metavar="MANIFEST", help="calib/<name>.yaml")
 @click.option("--split", default=None, help="Split to compare with (default: the one the set was drawn from).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--low", type=float, default=0.9, show_default=True, help="Flag tensors covered below this.")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True)
+@click.option("--low", type=NON_NEGATIVE_FLOAT, default=0.9, show_default=True, help="Flag tensors covered below this.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers here.")
 @handle_cli_errors
 def coverage_command(weights, manifest, split, batch_size, low, json_out):

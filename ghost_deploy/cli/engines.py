@@ -22,7 +22,7 @@ from ghost_deploy.errors import EXIT_USER, UserError, handle_cli_errors
 @click.option("--parity-set", type=click.Path(), default=None, help="Parity set .npz (default: the one export saved beside the ONNX).")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint the ONNX came from (hashed into the receipt).")
 @click.option("--dla-core", type=int, multiple=True, help="Also build for this DLA core (parity-checked separately).")
-@click.option("--timing-cache", type=click.Path(), default=None, help="TensorRT timing cache file (read and updated).")
+@click.option("--timing-cache", type=click.Path(), default=None, help="TensorRT timing cache file (read and updated; created when missing, in an existing folder).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimisation level.")
 @click.option("--strongly-typed", is_flag=True, help="TensorRT 10.x: build strongly typed (11.x always is).")
 @click.option("--require-engine", is_flag=True, help="Exit 1 when no engine can be built here (instead of writing a bundle).")
@@ -48,6 +48,8 @@ def build_engine(onnx_path, target, out_dir, parity_set, checkpoint, dla_core, t
             click.echo(f"mismatch: {problem}")
         click.echo("runtime matches the receipt" if not problems else f"{len(problems)} mismatch(es): rebuild the engine here")
         sys.exit(EXIT_USER if problems else 0)
+    if timing_cache:
+        _check_timing_cache(Path(timing_cache))
     onnx = Path(onnx_path) if onnx_path else _newest(Path("runs/demo/export"), "*.onnx")
     result = build(onnx, target, Path(out_dir) if out_dir else onnx.parent.parent / "engine", require_engine=require_engine,
                    dla_core=list(dla_core) or None, timing_cache=timing_cache, parity_set=parity_set, checkpoint=checkpoint,
@@ -56,6 +58,16 @@ def build_engine(onnx_path, target, out_dir, parity_set, checkpoint, dla_core, t
         for engine in result["engines"]:
             click.echo(f"engine: {engine['engine']} (receipt {engine['receipt']})")
     sys.exit(result["exit_code"])  # build() has said plainly that no engine was built, and where the bundle is
+
+
+def _check_timing_cache(path: Path) -> None:
+    """A timing cache is read when it exists and written after the build; a missing one is created, but only in a
+    folder that exists, so a mistyped folder is not silently a fresh cache (and a slow first build) elsewhere."""
+    if path.is_dir():
+        raise UserError("--timing-cache", f"{path} is a folder; name the cache file (e.g. {path / 'timing.cache'})")
+    if not path.exists() and not path.parent.is_dir():
+        raise UserError("--timing-cache", f"{path}: no such file, and its folder {path.parent} does not exist "
+                                          "(a missing cache file is created, in an existing folder)")
 
 
 def _newest(folder: Path, pattern: str) -> Path:

@@ -11,6 +11,7 @@ are returned as `hr_rgb` / `hr_ir` (the super-resolution targets).
 """
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class Dataset(torch.utils.data.Dataset):
         cache: str | None = None,
     ):
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8:
-            raise UserError(None, f"img_size must be an integer >= 8, got {img_size!r}")
+            raise UserError(None, f"--img-size must be an integer >= 8, got {img_size!r}")
         if with_hr and spec.hr_root is None:
             raise UserError(spec.yaml_path, "with_hr needs the 'hr' key (folder of the 2x-resolution pairs)")
         self.spec = spec
@@ -98,6 +99,7 @@ class Dataset(torch.utils.data.Dataset):
         self.source = spec.split_source(split)
         self.samples: list[Sample] = []
         self.skipped: list[tuple[str, str]] = []
+        self._bad_at_load: set[int] = set()  # samples that failed to decode after indexing (non-strict: skipped)
         self._index()
 
     # ---- indexing -------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ class Dataset(torch.utils.data.Dataset):
         scale = 2 if self.with_hr else 1
         work_size = self.img_size * scale
         images, boxes = compose(
-            lambda i: self._load(i, work_size), index, len(self.samples), work_size, self.hyp, rng,
+            lambda i: self._load_or_skip(i, work_size), index, len(self.samples), work_size, self.hyp, rng,
             self.augment, min_side=2.0 * scale,
         )
         labels = labels_from_boxes(boxes, work_size, work_size)
@@ -211,6 +213,25 @@ class Dataset(torch.utils.data.Dataset):
         `make_loader` (whose sampler passes (index, seed) pairs); otherwise every epoch repeats the same
         mosaics and flips. Set in the main process, it reaches workers that start with the epoch."""
         self.epoch = int(epoch)
+
+    def _load_or_skip(self, index: int, size: int):
+        """`_load`, except that without --strict a sample that fails to decode now (it passed indexing: only its
+        header was read) is skipped like one found bad at indexing, with the same warning line, and the next good
+        sample stands in for it."""
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            if candidate in self._bad_at_load:
+                continue
+            try:
+                return self._load(candidate, size)
+            except UserError as exc:
+                if self.strict:
+                    raise
+                self._bad_at_load.add(candidate)
+                self.skipped.append((exc.path or self.samples[candidate].key, exc.problem))
+                warnings.warn(f"{self.spec.yaml_path} [{self.split}]: skipped 1 bad sample(s): {exc.line()}",
+                              DataWarning, stacklevel=2)
+        raise UserError(self.source, f"no usable samples in split {self.split!r}: every image failed to decode")
 
     def _load(self, index: int, size: int):
         """Sample `index` as arrays with long side `size` and pixel boxes."""
@@ -268,6 +289,13 @@ def _require_all(files: dict[str, Path | None] | None, prefix: Path, kind: str) 
     missing = [modality for modality, path in files.items() if path is None]
     if not missing:
         return
+    folder = prefix.parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(folder, f"is a file, not a folder: the images of {prefix.name} are looked for in it")
+    for modality in missing:  # an image that is there but cannot be opened is not a missing one
+        for link in folder.glob(f"{glob.escape(prefix.name)}{MODALITY_TAGS[modality]}.*") if folder.is_dir() else ():
+            if link.is_symlink() and not link.exists():
+                raise UserError(link, "symlink that does not resolve (a loop, or its target is gone)")
     if not found:
         tags = [MODALITY_TAGS[modality] for modality in files] or ["_co"]
         raise UserError(f"{prefix}{tags[0]}.png", f"no {kind}image found for {prefix.name}")

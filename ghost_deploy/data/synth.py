@@ -24,7 +24,7 @@ from PIL import Image
 from ghost_deploy.data.augment import downsample2x
 from ghost_deploy.data.labels import format_label_rows
 from ghost_deploy.errors import UserError
-from ghost_deploy.io import sha256_file
+from ghost_deploy.io import destination_errors, make_parent_folder, sha256_file
 
 SYNTH_VERSION = 2  # v2: a running car is warm all over, not only over its engine block
 CLASS_NAMES = ("car", "car_running", "truck", "van", "boat")
@@ -78,7 +78,7 @@ def ensure_synthetic_dataset(
         if isinstance(value, bool) or not isinstance(value, int) or value < (16 if key == "img_size" else 0):
             raise UserError(None, f"synthetic dataset: {key} must be a {'integer >= 16' if key == 'img_size' else 'non-negative integer'}, got {value!r}")
     if img_size % 16:
-        raise UserError(None, f"synthetic dataset: img_size must be a multiple of 16, got {img_size}")
+        raise UserError(None, f"synthetic dataset: --img-size must be a multiple of 16, got {img_size}")
     if n_train < 1 or n_val < 1:
         raise UserError(None, "synthetic dataset: n_train and n_val must be at least 1")
     if root is None:
@@ -96,14 +96,15 @@ def ensure_synthetic_dataset(
         # never replace a folder this module did not make, or one whose files were changed or added to since
         raise UserError(root, "exists and is not a synthetic dataset folder made by ghost-deploy (its stamp is missing "
                               "or its files changed); choose another --root")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    try:
-        _generate(build, params)
-        _publish(build, root, params)
-    finally:
-        if build.exists():
-            shutil.rmtree(build, ignore_errors=True)
+    make_parent_folder(root)
+    with destination_errors(root, every_oserror=True):  # only the build folder is written: a full or read-only disk
+        build = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+        try:
+            _generate(build, params)
+            _publish(build, root, params)
+        finally:
+            if build.exists():
+                shutil.rmtree(build, ignore_errors=True)
     return root / "data.yaml"
 
 

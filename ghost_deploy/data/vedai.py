@@ -17,7 +17,7 @@ import numpy as np
 
 from ghost_deploy.data.labels import format_label_rows
 from ghost_deploy.errors import UserError
-from ghost_deploy.io import read_user_text, write_text_atomic
+from ghost_deploy.io import make_folder, read_user_text, write_text_atomic
 
 GHOST_NAMES = ("car", "pickup", "camping", "truck", "other", "tractor", "boat", "van")
 # VEDAI raw class -> GHOST class index.
@@ -38,11 +38,11 @@ def convert_vedai(
     """
     annotation_file = Path(annotation_file)
     if isinstance(image_size, bool) or not isinstance(image_size, (int, float)) or image_size <= 0:
-        raise UserError(None, f"image_size must be a positive number, got {image_size!r}")
+        raise UserError(None, f"--image-size must be a positive number, got {image_size!r}")
     objects = read_annotations(annotation_file)
     wanted = sorted(objects) if ids is None else sorted({_pad_id(annotation_file, value) for value in ids})
     out_dir = Path(out_labels_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     stats = {
         "images": 0, "objects": 0, "kept": 0, "outside": 0,
         "dropped": {name: 0 for name in DROPPED.values()},

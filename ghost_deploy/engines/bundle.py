@@ -8,7 +8,6 @@ Also holds the parity check shared by the engine build and the bundle: parity se
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shlex
 import shutil
@@ -24,7 +23,7 @@ from ghost_deploy import __version__
 from ghost_deploy.contract import Receipt
 from ghost_deploy.engines.targets import targets_dir
 from ghost_deploy.errors import UserError
-from ghost_deploy.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from ghost_deploy.io import atomic_path, read_user_json, sha256_file, write_json_atomic, write_text_atomic
 from ghost_deploy.parity.compare import Budgets, ParityReport
 from ghost_deploy.parity.gate import run_parity
 from ghost_deploy.parity.parityset import load_parity_set
@@ -212,10 +211,7 @@ def run_bundle_parity(bundle_dir, runner, budgets: Budgets | None = None) -> Par
     """The bundle's parity check: its parity set (hash checked against the partial receipt) through `runner`."""
     bundle_dir = Path(bundle_dir)
     receipt_path = bundle_dir / BUNDLE_RECEIPT
-    try:
-        receipt = Receipt.from_dict(json.loads(receipt_path.read_text(encoding="utf-8")), source=receipt_path)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(receipt_path, f"not a readable bundle receipt ({exc})") from None
+    receipt = Receipt.from_dict(read_user_json(receipt_path, "bundle receipt"), source=receipt_path)
     parity_set = load_parity_set(bundle_dir / BUNDLE_PARITY)
     expected = receipt.hashes.get("parity_set")
     if expected and expected != parity_set.sha256:

@@ -7,7 +7,6 @@ TensorRT does, so a version or GPU mismatch gets a plain sentence instead of a d
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,8 +19,7 @@ from ghost_deploy.contract import OnnxMetadata, Receipt
 from ghost_deploy.engines.openvino import verify_runtime as openvino_verify_runtime
 from ghost_deploy.engines.targets import JETSON_TARGET_ENV, NV_TEGRA_RELEASE, detect_jetson, read_device_tree_model
 from ghost_deploy.engines.trt import trt_version
-from ghost_deploy.errors import UserError
-from ghost_deploy.io import sha256_file, write_json_atomic
+from ghost_deploy.io import read_user_json, sha256_file, write_json_atomic
 from ghost_deploy.onnx_graph import read_metadata_props
 
 
@@ -160,13 +158,7 @@ def write_receipt(path, receipt: Receipt) -> None:
 
 
 def load_receipt(path) -> Receipt:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(path, "receipt not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(path, f"receipt is not readable JSON ({exc})") from None
-    return Receipt.from_dict(data, source=path)
+    return Receipt.from_dict(read_user_json(path, "receipt"), source=path)
 
 
 def _major_minor(version: str | None) -> str | None:

@@ -57,6 +57,15 @@ class ModelConfig:
     sr_feats: int = 64
     layers: tuple = field(default=LAYERS, repr=False)
 
+    @property
+    def max_stride(self) -> int:
+        """The deepest downsampling of the input (an input side must be a multiple of it): 16 here, stride-1 stem."""
+        strides: list[int] = []
+        for source, op, args in self.layers[: self.num_layers]:
+            before = strides[source if isinstance(source, int) else source[0]] if strides else 1
+            strides.append(before * args[2] if op == "Conv" else before // 2 if op == "Upsample" else before)
+        return max(strides)
+
     def channels(self, width: int) -> int:
         return make_divisible(width * self.width_multiple, 8)
 

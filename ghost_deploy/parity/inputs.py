@@ -143,7 +143,7 @@ def resolve_parity_inputs(meta: dict, img_size: int, count: int, parity_images=N
     if source == "embedded":
         source = ensure_synthetic_dataset(seed=0)
     elif not Path(source).is_file():
-        raise UserError(source, "dataset YAML for the parity images not found; pass data=YAML or parity_images=DIR")
+        raise UserError(source, "dataset YAML for the parity images not found; pass --data YAML or --parity-images DIR")
     return images_from_dataset(source, input_names, img_size, count)
 
 
