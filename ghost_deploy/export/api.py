@@ -8,6 +8,7 @@ Artifacts beside `out_path` (stem = its name without `.onnx`):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -29,9 +30,17 @@ from ghost_deploy.export.lint import Finding, errors, lint_qdq
 from ghost_deploy.export.localise import localise, noise_floor
 from ghost_deploy.export.metadata import load_our_onnx, read_metadata, set_metadata
 from ghost_deploy.export.reference import TorchRunner, check_exact_parity
-from ghost_deploy.io import sha256_file, write_json_atomic
+from ghost_deploy.io import (
+    destination_errors,
+    make_parent_folder,
+    pid_temp_path,
+    remove_stale_temps,
+    sha256_file,
+    write_json_atomic,
+)
 from ghost_deploy.model.detector import INPUT_CHANNELS
 from ghost_deploy.onnx_graph import name_tensors_after_nodes
+from ghost_deploy.parity.compare import compare_outputs
 from ghost_deploy.parity.gate import run_gate, run_in_chunks
 from ghost_deploy.parity.inputs import (
     budgets_from_recipe,
@@ -70,6 +79,7 @@ class ExportResult:
     report: dict = field(default_factory=dict)
     noise_floor: object | None = None  # parity.NoiseFloor, with the localisation
     exact: object | None = None  # exact_parity.ExactResult
+    own_rounding: object | None = None  # compare.ParityReport: PyTorch's float32 run against its exact arithmetic
 
     @property
     def bits_preserved(self) -> dict[str, bool]:
@@ -167,6 +177,7 @@ class GateOutcome:
     kernels_report: object = None
     floor: object = None
     exact: object = None
+    own_rounding: object = None
     arithmetic: str = "float32"
     passed: bool = True
     note: str = "skipped (parity=False)"
@@ -205,16 +216,19 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
     del built.graph.graph.value_info[:]
     name_tensors_after_nodes(built.graph)
     metadata = set_metadata(built.graph, _onnx_metadata(built, options))  # last change: the hash covers it
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    checking = out_path.with_name(f".{out_path.name}.{os.getpid()}.checking.onnx")
-    onnx.save(built.graph, str(checking))
+    make_parent_folder(out_path)
+    remove_stale_temps(out_path.parent)  # the .checking.onnx of an export killed before its rename
+    checking = pid_temp_path(out_path, "checking.onnx")
     try:
+        with destination_errors(out_path, every_oserror=True):
+            onnx.save(built.graph, str(checking))
         gate = run_export_gate(built, checks, options, checking) if parity else GateOutcome()
         passed = checks.bits_ok and not checks.lint_errors and gate.passed
         final = out_path if passed else paths["failed"]
-        os.replace(checking, final)
+        with destination_errors(final, every_oserror=True):
+            os.replace(checking, final)
     finally:
-        if checking.exists():
+        with contextlib.suppress(OSError):
             checking.unlink()
     for old in ([out_path, paths["parity"]] if not passed else [paths["failed"]]):
         _remove_if_ours(old)
@@ -226,7 +240,7 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
                            metadata, passed)
     write_json_atomic(paths["report"], report)
     result = ExportResult(final, paths["report"], parity_path, passed, checks.layers, checks.findings, gate.report,
-                          gate.layer_report, report, gate.floor, gate.exact)
+                          gate.layer_report, report, gate.floor, gate.exact, gate.own_rounding)
     if progress:
         log(format_report(result))
     if not passed:
@@ -243,7 +257,7 @@ def build_export(checkpoint_path: Path, options: ExportOptions, log) -> BuiltExp
     checkpoint_sha = sha256_file(checkpoint_path) if checkpoint_path.is_file() else None
     model, header = model_from_checkpoint(checkpoint_path, with_sr=False)
     if not options.fp32 and not header.quantized:
-        raise UserError(checkpoint_path, "checkpoint has no bit plan (an FP32 model): export it with fp32=True (--fp32)")
+        raise UserError(checkpoint_path, "checkpoint has no bit plan (an FP32 model): export it with --fp32 (fp32=True from Python)")
     img_size = int(header.img_size)
     input_names = list(header.input_names or model.input_names)
     heads = torch_graph.head_names(header.strides)
@@ -303,12 +317,15 @@ def run_export_gate(built: BuiltExport, checks: GraphChecks, options: ExportOpti
     count = options.parity_count or parity_image_count(parity_recipe)
     parity_inputs = resolve_parity_inputs(header, built.img_size, count,
                                           options.parity_images, options.data)
+    lap = _Laps(built.timings)
     parity_set = _reference_parity_set(built, options.decode, parity_inputs, budgets, checks.output_scales)
+    lap("parity_reference_s")
     gate = GateOutcome(parity_set=parity_set, note=f"{parity_inputs.count} images from {parity_inputs.source}")
     # the gate checks what the file computes (ORT's Q/DQ rewrites off); see parity.runners.OrtRunner
     gate.report = run_gate(parity_set, checking, budgets, exact=True)
     if options.target == "cpu":  # and, for information, what ORT's integer kernels make of it
         gate.kernels_report = run_gate(parity_set, checking, budgets, exact=False)
+    lap("parity_float32_s")
     # exact arithmetic is about quantized convs: an FP32 export is compared as written
     gate.arithmetic = "float32" if fp32 else options.parity_arithmetic or recipe_arithmetic(parity_recipe)
     gate.passed = gate.report.passed
@@ -317,13 +334,22 @@ def run_export_gate(built: BuiltExport, checks: GraphChecks, options: ExportOpti
                                         options.decode, cpu_form=checking if options.target == "cpu" else None)
         if gate.arithmetic == "exact":
             gate.passed = gate.exact.passed
-    if options.per_layer or not gate.passed or not gate.report.passed:
+        lap("parity_exact_s")
+    if gate.passed and not gate.report.passed and gate.exact is not None:
+        # Exact arithmetic passed, so the float32 difference is rounding; how much rounding alone moves this model
+        # is measured for free: PyTorch's own float32 run against its exact-arithmetic run, same images and budgets.
+        gate.own_rounding = compare_outputs(gate.exact.reference_outputs, parity_set.outputs, budgets,
+                                            output_scales=parity_set.meta.output_scales,
+                                            detection_fn=parity_set.detection_fn(conf_thres=budgets.score_threshold / 2))
+    if options.per_layer or not gate.passed:
         layer_bits = {name: (spec.weight_bits, built.acts[spec.act_key].bits if spec.act_key else None)
                       for name, spec in built.convs.items()} if not fp32 else \
                      {name: (None, None) for name in conv_names(built.reference)}
         gate.layer_report = localise(built.reference, built.graph, parity_inputs.inputs, layer_bits, budgets, exact=True)
+        lap("localise_s")
         wrapper = torch_graph.make_wrapper(built.reference, header, built.img_size, options.decode)
         gate.floor = noise_floor(wrapper, built.reference, parity_set, gate.layer_report, budgets)
+        lap("noise_floor_s")
     built.timings["parity_s"] = round(time.perf_counter() - gate_started, 3)
     return gate
 
@@ -361,6 +387,7 @@ def export_report(built: BuiltExport, checks: GraphChecks, gate: GateOutcome, op
         "parity": {"source": gate.note, "report": None if gate.report is None else gate.report.to_dict(),
                    "per_layer": None if gate.layer_report is None else gate.layer_report.to_dict(),
                    "noise_floor": None if gate.floor is None else gate.floor.to_dict(),
+                   "float32_own_rounding": None if gate.own_rounding is None else gate.own_rounding.to_dict(),
                    "arithmetic": gate.arithmetic if gate.report is not None else None,
                    "exact_arithmetic": None if gate.exact is None else gate.exact.to_dict(),
                    "ort_integer_kernels": None if gate.kernels_report is None else gate.kernels_report.to_dict(),
@@ -453,11 +480,23 @@ def _head_scales(graph, heads, convs, acts) -> dict[str, float]:
     return scales
 
 
+class _Laps:
+    """Seconds since the previous lap, recorded into the export's timings under the given key."""
+
+    def __init__(self, timings: dict):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def __call__(self, key: str) -> None:
+        now = time.perf_counter()
+        self.timings[key] = round(now - self.last, 3)
+        self.last = now
+
+
 def _reference_parity_set(built: BuiltExport, decode: bool, parity_inputs, budgets, output_scales) -> ParitySet:
     header = built.header
     runner = TorchRunner(torch_graph.make_wrapper(built.reference, header, built.img_size, decode), built.input_names,
                          built.output_names)
-    outputs = run_in_chunks(runner, parity_inputs.inputs)
+    outputs = run_in_chunks(runner, parity_inputs.inputs, batch_size=1)  # memory of one image's activations
     meta = ParityMeta(
         input_names=built.input_names, output_names=built.output_names, head_output_names=built.heads,
         image_paths=parity_inputs.paths, image_sha256=parity_inputs.sha256, image_source=parity_inputs.source,
@@ -550,6 +589,8 @@ def format_report(result: ExportResult) -> str:
         lines.append(result.per_layer.format_table())
     if result.noise_floor is not None:
         lines.append(result.noise_floor.summary())
+    if result.own_rounding is not None:
+        lines.append(own_rounding_summary(result.own_rounding))
     if result.exact is not None:
         decides = report["parity"]["arithmetic"] == "exact"
         lines.append(result.exact.summary() + (" [decides the gate: parity.arithmetic exact]" if decides else
@@ -558,6 +599,18 @@ def format_report(result: ExportResult) -> str:
                  f"{report['timings']['total_s']:.1f} s); report {result.report_path}"
                  + (f"; parity set {result.parity_set_path}" if result.parity_set_path else ""))
     return "\n".join(lines)
+
+
+def own_rounding_summary(report) -> str:
+    """The float32 noise floor measured without extra runs: PyTorch float32 vs the same model in exact arithmetic."""
+    cosines = [o["min_cosine_per_image"] for o in report.to_dict()["outputs"].values()
+               if o.get("min_cosine_per_image") is not None]
+    verdict = ("the float32 comparison above is at this model's float32 noise floor: PyTorch's own float32 rounding "
+               "fails the same budgets" if not report.passed else
+               "PyTorch's own float32 rounding stays within these budgets (the float32 difference above is the "
+               "runtimes' summation order)")
+    return (f"float32 noise floor: PyTorch float32 vs the same model in exact arithmetic, worst cosine "
+            f"{min(cosines, default=float('nan')):.6f}: {verdict} (--per-layer localises and injects it layer by layer)")
 
 
 def _bits(bits) -> str:

@@ -57,8 +57,12 @@ def _dividing(quantizer):
 class ExactConvModule(nn.Module):
     """A folded QuantConv2d summing integer codes exactly, then scaling in float32 like the ONNX side.
 
-    It records the largest sum(|x code| * |w code|) it met (`largest_sum`); with `exact = False` it is the folded
-    conv again, float sums and all (for a conv whose sums leave float32's exact integers).
+    The codes are summed in float32, which is exact while every partial sum stays below 2^24: that holds when
+    sum(|x code| * |w code|) does. The cheap bound max|x code| * max_c sum|w code| settles it for most convs;
+    where it does not, the sum of magnitudes is computed (also exact below 2^24) and only a conv that reaches
+    EXACT_SUM_LIMIT is summed in float64. `largest_sum` is the largest bound or magnitude met; with
+    `exact = False` the module is the folded conv again, float sums and all (for a conv whose sums leave
+    float32's exact integers, on both sides).
     """
 
     def __init__(self, conv, exact: ExactConv, input_scale: np.float32):
@@ -67,10 +71,11 @@ class ExactConvModule(nn.Module):
         self.exact = True
         self.largest_sum = 0.0
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.register_buffer("codes", torch.from_numpy(exact.codes).double())
+        self.register_buffer("codes", torch.from_numpy(exact.codes).float())
         self.register_buffer("multiplier", torch.from_numpy(exact.multiplier).view(1, -1, 1, 1))
         self.register_buffer("bias", torch.from_numpy(exact.bias).view(1, -1, 1, 1))
         self.register_buffer("input_scale", torch.tensor(float(input_scale), dtype=torch.float32))
+        self.weight_abs_sum = float(self.codes.abs().flatten(1).sum(dim=1).max()) if self.codes.numel() else 0.0
         # a block's pre-hook may have quantized the input already (C3, Bottleneck): then the conv must not
         self.__dict__["input_quantizer"] = conv.input_quantizer if conv.quantizes_input else None
 
@@ -79,11 +84,21 @@ class ExactConvModule(nn.Module):
             return self.float_conv(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        codes = torch.round(x / self.input_scale).double()  # x is float32(code * s): this gives the codes back
-        summed = F.conv2d(codes, self.codes, None, self.stride, self.padding, self.dilation, self.groups)
-        magnitude = F.conv2d(codes.abs(), self.codes.abs(), None, self.stride, self.padding, self.dilation, self.groups)
-        self.largest_sum = max(self.largest_sum, float(magnitude.max()) if magnitude.numel() else 0.0)
+        codes = torch.round(x / self.input_scale)  # x is float32(code * s): this gives the codes back
+        largest = float(codes.abs().max()) * self.weight_abs_sum if codes.numel() else 0.0
+        if largest >= EXACT_SUM_LIMIT:  # the bound cannot tell: measure the sums of magnitudes themselves
+            magnitude = self._conv(codes.abs(), self.codes.abs())
+            largest = float(magnitude.max()) if magnitude.numel() else 0.0
+        self.largest_sum = max(self.largest_sum, largest)
+        if largest < EXACT_SUM_LIMIT:
+            summed = self._conv(codes, self.codes)
+            if torch.equal(summed, torch.round(summed)):  # integer sums, as they must be unless a kernel approximates
+                return summed * self.multiplier + self.bias
+        summed = self._conv(codes.double(), self.codes.double())
         return summed.float() * self.multiplier + self.bias
+
+    def _conv(self, x, weight):
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
 
 def quantized_convs(convs: dict) -> set[str]:
@@ -104,14 +119,17 @@ def check_exact_parity(model, meta: dict, graph: onnx.ModelProto, parity_set, bu
     layers = rewritable_convs(graph, candidates)
     wrapper = exact_reference(folded, convs, acts, meta, img_size, decode, layers)
     runner = TorchRunner(wrapper, parity_set.input_names, parity_set.output_names)
-    run_in_chunks(runner, parity_set.inputs)  # a first pass measures every conv's largest sum on these images
+    # One pass computes the reference and measures every conv's largest sum on these images; only when a conv's
+    # sums leave float32's exact integers is it switched to float sums (on both sides) and the pass repeated.
+    reference = run_in_chunks(runner, parity_set.inputs, batch_size=1)
     modules = {name: folded.get_submodule(name) for name in layers}
     too_large = {name for name, module in modules.items() if module.largest_sum >= EXACT_SUM_LIMIT}
     for name in too_large:
         modules[name].exact = False
     layers -= too_large
     kept = sorted(too_large | (candidates - layers))
-    reference = run_in_chunks(runner, parity_set.inputs)
+    if too_large:
+        reference = run_in_chunks(runner, parity_set.inputs, batch_size=1)
     exact_set = copy.copy(parity_set)
     exact_set.outputs = reference
     with tempfile.TemporaryDirectory(prefix="ghost-exact-") as folder:
@@ -122,9 +140,10 @@ def check_exact_parity(model, meta: dict, graph: onnx.ModelProto, parity_set, bu
         cpu_identical = None
         if cpu_form is not None:
             onnx.save(graph, os.fspath(Path(folder) / "trt_form.onnx"))
-            with OrtRunner(Path(folder) / "trt_form.onnx") as trt_runner, OrtRunner(cpu_form) as cpu_runner:
-                trt_out = run_in_chunks(trt_runner, parity_set.inputs)
-                cpu_out = run_in_chunks(cpu_runner, parity_set.inputs)
+            with OrtRunner(Path(folder) / "trt_form.onnx") as trt_runner:  # one session at a time: peak memory
+                trt_out = run_in_chunks(trt_runner, parity_set.inputs, batch_size=1)
+            with OrtRunner(cpu_form) as cpu_runner:
+                cpu_out = run_in_chunks(cpu_runner, parity_set.inputs, batch_size=1)
             cpu_identical = all(np.array_equal(trt_out[name], cpu_out[name]) for name in trt_out)
     # the raw head maps; decoded boxes (--decode) pass through exp/sigmoid, which the two runtimes round differently
     heads = parity_set.meta.head_output_names or list(reference)
