@@ -319,8 +319,8 @@ def test_autocast_keeps_distillation_in_float32():
 
 
 def test_with_detector_and_detection_loss_gradient_reaches_student_weights():
-    from ghost_deploy.train.loss import DetectionLoss
     from ghost_deploy.model import build_model
+    from ghost_deploy.train.loss import DetectionLoss
 
     torch.manual_seed(0)
     teacher = build_model("ghost-n-vedai", nc=5, input_mode="rgb+ir").eval()
@@ -352,3 +352,80 @@ def test_with_detector_and_detection_loss_gradient_reaches_student_weights():
     assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in module.parameters())
+
+
+# --- switch controls and what the logs measure ------------------------------------------------------------------
+
+
+def test_switch_mode_maps_booleans_and_refuses_others():
+    from ghost_deploy.train.distill import switch_mode
+
+    assert switch_mode(True) == "learned" and switch_mode(False) == "off"
+    assert [switch_mode(m) for m in ("learned", "random", "off")] == ["learned", "random", "off"]
+    with pytest.raises(ValueError, match="ghost.distill.switch"):
+        switch_mode("sometimes")
+
+
+def test_random_gates_open_at_their_rate_and_ignore_the_images():
+    from ghost_deploy.train.distill import random_gates
+
+    distance = torch.zeros(4000, 6)
+    generator = torch.Generator().manual_seed(0)
+    gates = random_gates(distance, 0.3, generator)
+    assert set(gates.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(gates.mean()) - 0.3) < 0.02
+    # the same draw whatever the distances: the gate sees nothing of the images
+    again = random_gates(torch.randn(4000, 6), 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(gates, again)
+    with pytest.raises(ValueError, match="random_open_rate"):
+        random_gates(distance, 1.5)
+
+
+def test_roc_auc_known_values():
+    import numpy as np
+
+    from ghost_deploy.train.distill import roc_auc
+
+    assert roc_auc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert roc_auc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), np.array([0, 1, 0, 1])) == 0.5  # ties count half
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert math.isnan(roc_auc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_switch_log_reports_auc_per_layer_and_base_rate():
+    from ghost_deploy.train.distill import SwitchLog
+
+    log = SwitchLog()
+    assert log.epoch_summary() == {}
+    target = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    # layer 0 ranks the targets perfectly, layer 1 backwards
+    log.update(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]]), target)
+    summary = log.epoch_summary()
+    assert summary["auc_per_layer"] == [1.0, 0.0]
+    assert summary["auc"] == 0.5 and summary["base_rate"] == 0.5
+
+
+def test_distill_output_carries_per_image_probability():
+    module = SelfTeaching(CHANNELS, CHANNELS, qk_dim=16).train()
+    out = module(make_features(3), make_features(3, seed=1), torch.rand(3), torch.rand(3))
+    assert out.probability.shape == (3, len(CHANNELS))
+    assert torch.allclose(out.probability.mean(dim=0), out.open_probability_per_layer)
+    assert not out.probability.requires_grad
+
+
+def test_gradient_ratio_log_measures_the_two_terms_once_per_epoch():
+    from ghost_deploy.train.loop import GradientRatioLog
+
+    student = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+    x = torch.tensor([[1.0, 0.0, 0.0]])
+    det_term = student(x).sum()          # gradient (1, 0, 0): norm 1
+    ost_term = 4.0 * student(x).sum()    # gradient (4, 0, 0): norm 4
+    log = GradientRatioLog()
+    log.maybe_measure(student, det_term, ost_term)
+    log.maybe_measure(student, det_term, 100 * ost_term)  # already measured this epoch: ignored
+    assert log.take() == pytest.approx(4.0)
+    assert log.take() is None
+    assert student.weight.grad is None  # measuring leaves the training step's gradients alone

@@ -110,3 +110,32 @@ def test_budget_rejects_bad_targets_and_keeps_8_bits_without_pressure():
         budget_plan(model, {"avg_bits": 1.5}, img_size=128)
     with pytest.raises(UserError, match="must be one of"):
         budget_plan(model, {"mb": 1}, img_size=128)
+
+
+def test_relative_distortion_is_scale_free_and_scores_the_deployed_levels():
+    """BN follows every conv, so w -> a*w changes nothing: the relative score (and the bits) must not change
+    either, while the paper's raw score moves by a^2. n bits deploy 2^n - 1 levels: three values fit 2 bits."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 32, 3, 3, generator=generator) * 0.02
+    for scale in (0.01, 1.0, 100.0):
+        assert hq_bits(weight * scale, threshold=0.1, distortion="relative")[0] == \
+            hq_bits(weight, threshold=0.1, distortion="relative")[0]
+    assert hq_bits(weight * 100.0, threshold=0.1)[0] > hq_bits(weight, threshold=0.1)[0]  # raw: scale decides
+    three_levels = torch.tensor([-1.0, 0.0, 1.0]).repeat(100)
+    four_levels = torch.tensor([-1.5, -0.5, 0.5, 1.5]).repeat(100)
+    assert kmeans_distortion(three_levels.numpy(), 2, distortion="relative") == 0.0
+    assert kmeans_distortion(four_levels.numpy(), 2, distortion="relative") > 0.0  # raw K=4 would call it exact
+    assert kmeans_distortion(four_levels.numpy(), 2, distortion="raw") == 0.0
+    with pytest.raises(UserError, match="ghost.plan.distortion"):
+        hq_bits(weight, distortion="mse")
+
+
+def test_relative_threshold_means_the_same_on_every_model():
+    """The paper's T = 0.1 gives the same bits on every config (raw: 6.4 on ghost-s-vedai, 7.4 on ghost-p)."""
+    torch.manual_seed(0)
+    from ghost_deploy.model import build_model
+
+    bits = {name: average_weight_bits(hq_plan(build_model(name, nc=3, input_mode="rgb+ir"), threshold=0.1,
+                                              img_size=64, distortion="relative", max_samples=20_000))["param_weighted"]
+            for name in ("ghost-p", "ghost-n")}
+    assert abs(bits["ghost-p"] - bits["ghost-n"]) < 0.25

@@ -2,7 +2,8 @@
 
 Modules: `backends` (one class per runtime), `timing` (warm-up, interleaved timing, statistics),
 `memory` (host peak RSS), `prepost` (frames -> inputs, heads -> detections), `accuracy` (mAP per backend),
-`sizes` / `bitplan` (file sizes, analytic size and BOPs), `jetson` (power mode, clocks, tegrastats),
+`sizes` / `bitplan` (file sizes, analytic size and BOPs), `conventions` (size and BOPs as the GHOST
+reference counts them, corrected, deployable; docs/size-bops.md), `jetson` (power mode, clocks, tegrastats),
 `report` (table, JSON, Markdown, plots), `compare` (regression gate), `run` (`run_bench`), `cli`.
 See docs/bench.md.
 """

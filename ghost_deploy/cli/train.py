@@ -6,8 +6,16 @@ from pathlib import Path
 import click
 
 from ghost_deploy.checkpoint import model_from_checkpoint
-from ghost_deploy.cli.options import device_option, echo_log, no_progress_option, recipe_option
-from ghost_deploy.errors import handle_cli_errors
+from ghost_deploy.cli.options import (
+    COUNT,
+    NON_NEGATIVE_FLOAT,
+    POSITIVE_FLOAT,
+    device_option,
+    echo_log,
+    no_progress_option,
+    recipe_option,
+)
+from ghost_deploy.errors import UserError, handle_cli_errors
 from ghost_deploy.pipeline import run_pipeline
 from ghost_deploy.quant.hq import choose_plan
 from ghost_deploy.recipe import load_recipe
@@ -23,7 +31,7 @@ from ghost_deploy.train.run import run_training
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe>).")
 @click.option("--teacher", type=click.Path(), default=None, help="FP32 teacher checkpoint for --stage ghost.")
 @click.option("--bit-plan", type=click.Path(), default=None, help="Use this (edited) bit plan JSON instead of HQ.")
-@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs for every stage run.")
+@click.option("--epochs", type=COUNT, default=None, help="Override the recipe's epochs for every stage run.")
 @device_option
 @click.option("--amp", type=click.Choice(AMP_MODES), default=None,
               help="Mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, with loss scaling), off; default the recipe's "
@@ -31,7 +39,7 @@ from ghost_deploy.train.run import run_training
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved epoch.")
 @click.option("--force", is_flag=True, help="Replace a run already in --out (without it, such a folder is refused).")
 @click.option("--strict", is_flag=True, help="Bad samples are errors instead of skipped with a warning.")
-@click.option("--nproc", type=int, default=1, show_default=True, help="Processes for DDP (torchrun-style, gloo on CPU).")
+@click.option("--nproc", type=COUNT, default=1, show_default=True, help="Processes for DDP (torchrun-style, gloo on CPU).")
 @no_progress_option
 @handle_cli_errors
 def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, amp, resume, force, strict, nproc,
@@ -41,6 +49,10 @@ def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, amp, 
     With no arguments: the demo recipe on the embedded RGB+IR dataset, teacher then GHOST, into runs/demo.
     """
 
+    for option, value in (("--teacher", teacher), ("--bit-plan", bit_plan)):
+        if value and stage == "teacher":  # the teacher stage trains the FP32 model: it reads neither
+            raise UserError(option, "has no effect with --stage teacher (it is read by the GHOST stage: "
+                                    "--stage ghost or all)")
     loaded = load_recipe(recipe)
     if amp is not None:
         loaded["amp"] = amp
@@ -73,18 +85,21 @@ def pipeline(recipe, data, out_dir, target, bench_iterations, force, no_progress
 @click.command("plan")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Bit plan JSON to write (edit it, then train --bit-plan).")
-@click.option("--threshold", type=float, default=None, help="HQ k-means threshold T (paper: 0.1).")
-@click.option("--avg-bits", type=float, default=None, help="Budget mode: average weight bits.")
-@click.option("--size-mb", type=float, default=None, help="Budget mode: model size in MB.")
-@click.option("--bops-g", type=float, default=None, help="Budget mode: GBOPs.")
+@click.option("--threshold", type=NON_NEGATIVE_FLOAT, default=None, help="HQ k-means threshold T (paper: 0.1).")
+@click.option("--distortion", type=click.Choice(["relative", "raw"]), default="relative", show_default=True,
+              help="HQ's score: relative (scale-free, the deployed 2^n-1 levels; T alike on every model) or raw "
+                   "(the paper's MSE of the raw weights).")
+@click.option("--avg-bits", type=POSITIVE_FLOAT, default=None, help="Budget mode: average weight bits.")
+@click.option("--size-mb", type=POSITIVE_FLOAT, default=None, help="Budget mode: model size in MB.")
+@click.option("--bops-g", type=POSITIVE_FLOAT, default=None, help="Budget mode: GBOPs.")
 @click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @handle_cli_errors
-def plan_command(checkpoint, out, threshold, avg_bits, size_mb, bops_g, act_bits):
+def plan_command(checkpoint, out, threshold, distortion, avg_bits, size_mb, bops_g, act_bits):
     """Choose per-layer bits for CHECKPOINT's model: HQ (default) or a size/BOPs/bits budget."""
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
     budget = {k: v for k, v in {"avg_bits": avg_bits, "size_mb": size_mb, "bops_g": bops_g}.items() if v is not None}
     plan = choose_plan(model, "budget" if budget else "hq", meta.img_size, budget=budget, act_bits=act_bits,
-                       threshold=threshold if threshold is not None else 0.1)
+                       threshold=threshold if threshold is not None else 0.1, distortion=distortion)
     plan.save(out)
     click.echo(plan.summary())
     click.echo(f"bit plan written to {out}")

@@ -1,9 +1,18 @@
 """Per-layer bit selection: GHOST's HQ k-means rule, and a budget mode that targets size, BOPs or mean bits.
 
 HQ (paper rule, deterministic here): for each conv, the smallest n in bit_min..bit_max whose 1-D k-means
-(K = 2^n, k-means++ seeded with `seed`) leaves a within-cluster mean squared error of the raw weights
-D(n) = inertia / N * 1e6 below T; else bit_max. Activation bits are a separate decision (8 by default);
-the reference copied the weight bits to the activations (bug B9).
+(k-means++ seeded with `seed`) leaves a within-cluster mean squared error D(n) below T; else bit_max.
+Activation bits are a separate decision (8 by default); the reference copied the weight bits to the
+activations (bug B9). Two distortions (`distortion`):
+
+- `raw` (the paper's): K = 2^n clusters of the raw weights, D(n) = inertia / N * 1e6. A BatchNorm follows every
+  conv, so w -> a * w changes nothing in the network but D by a^2: T means different things on different models
+  (the demo's ghost-p needed T = 10 where ghost-s-vedai keeps ~6.4 bits at the paper's 0.1), and n = 2 scores
+  4 clusters where the narrow-range quantizer deploys 3 levels.
+- `relative` (default in recipes): K = 2^n - 1, the levels the deployed symmetric quantizer has, and D(n) =
+  inertia / (N * var(w)) * REFERENCE_WEIGHT_VARIANCE * 1e6: the share of the layer's weight variance k-means
+  leaves, in the paper's units for a layer of variance REFERENCE_WEIGHT_VARIANCE, so it is scale-free and the
+  paper's T = 0.1 means the same on every model.
 """
 from __future__ import annotations
 
@@ -24,6 +33,10 @@ from ghost_deploy.quant.trace import example_inputs
 HQ_MAX_SAMPLES = 100_000
 KMEANS_MAX_ITER = 50
 BUDGET_TARGETS = ("size_mb", "bops_g", "avg_bits")
+DISTORTIONS = ("raw", "relative")
+# The parameter-weighted mean variance of ghost-s-vedai's conv weights as initialised (sigma ~ 0.022): a layer of
+# this variance scores the same under `relative` as under the paper's `raw` distortion.
+REFERENCE_WEIGHT_VARIANCE = 4.83e-4
 
 
 def sorted_subsample(values: np.ndarray, max_samples: int = HQ_MAX_SAMPLES) -> np.ndarray:
@@ -75,37 +88,56 @@ def kmeans_1d(values: np.ndarray, clusters: int, seed: int = 0, max_iter: int = 
     return centers, inertia
 
 
-def kmeans_distortion(values: np.ndarray, bits: int, seed: int = 0) -> float:
-    """HQ's D(n): k-means (K = 2^bits) within-cluster mean squared error of the values, times 1e6."""
-    _, inertia = kmeans_1d(values, 2 ** bits, seed)
-    return inertia / max(np.asarray(values).size, 1) * 1e6
+def kmeans_distortion(values: np.ndarray, bits: int, seed: int = 0, distortion: str = "raw") -> float:
+    """HQ's D(n) of the values at `bits` (module doc: `raw` K = 2^n, `relative` K = 2^n - 1 and scale-free)."""
+    values = np.asarray(values, dtype=np.float64)
+    if distortion == "raw":
+        _, inertia = kmeans_1d(values, 2 ** bits, seed)
+        return inertia / max(values.size, 1) * 1e6
+    _check_distortion(distortion)
+    variance = float(values.var()) if values.size else 0.0
+    if variance <= 0.0:
+        return 0.0  # every weight equal: any number of levels represents them
+    _, inertia = kmeans_1d(values, 2 ** bits - 1, seed)
+    return inertia / (values.size * variance) * REFERENCE_WEIGHT_VARIANCE * 1e6
 
 
 def hq_bits(weight: torch.Tensor, threshold: float = 0.1, bit_min: int = 2, bit_max: int = 8, seed: int = 0,
-            max_samples: int = HQ_MAX_SAMPLES) -> tuple[int, str]:
-    """(bits, criterion) for one conv's raw weights under the HQ rule."""
+            max_samples: int = HQ_MAX_SAMPLES, distortion: str = "raw") -> tuple[int, str]:
+    """(bits, criterion) for one conv's weights under the HQ rule."""
     values = sorted_subsample(weight.detach().cpu().numpy(), max_samples)
-    distortion = float("nan")
+    score = float("nan")
+    tag = "kmeans D" if distortion == "raw" else "kmeans relative D"
     for bits in range(bit_min, bit_max + 1):
-        distortion = kmeans_distortion(values, bits, seed)
-        if distortion < threshold:
-            return bits, f"kmeans D({bits})={distortion:.3g}<{threshold:g}"
-    return bit_max, f"kmeans D({bit_max})={distortion:.3g}>={threshold:g}: max bits"
+        score = kmeans_distortion(values, bits, seed, distortion)
+        if score < threshold:
+            return bits, f"{tag}({bits})={score:.3g}<{threshold:g}"
+    return bit_max, f"{tag}({bit_max})={score:.3g}>={threshold:g}: max bits"
+
+
+def _check_distortion(distortion: str) -> None:
+    if distortion not in DISTORTIONS:
+        raise UserError(None, f"ghost.plan.distortion must be one of {', '.join(DISTORTIONS)}, got {distortion!r}")
 
 
 def hq_plan(model: nn.Module, threshold: float = 0.1, bit_min: int = 2, bit_max: int = 8, seed: int = 0,
-            act_bits: int | None = 8, img_size: int = 512, max_samples: int = HQ_MAX_SAMPLES) -> BitPlan:
+            act_bits: int | None = 8, img_size: int = 512, max_samples: int = HQ_MAX_SAMPLES,
+            distortion: str = "raw") -> BitPlan:
     """GHOST's HQ rule for every conv (stem and Detect included), deterministic for a given seed."""
     _check_bit_range(bit_min, bit_max)
+    _check_distortion(distortion)
     sites = model_sites(model, img_size)
     bits, criteria = {}, {}
     for site in sites:
-        bits[site.name], criteria[site.name] = hq_bits(site.module.weight, threshold, bit_min, bit_max, seed, max_samples)
+        bits[site.name], criteria[site.name] = hq_bits(site.module.weight, threshold, bit_min, bit_max, seed, max_samples,
+                                                       distortion)
     plan = plan_from_bits(model, bits, act_bits, img_size, method="hq", criteria=criteria, sites=sites,
                           threshold=threshold)
-    plan.notes = (f"HQ: smallest n in {bit_min}..{bit_max} with 1-D k-means (K=2^n, k-means++, seed {seed}) "
-                  f"MSE of the raw weights x 1e6 < {threshold:g}, else {bit_max}; layers over {max_samples} weights "
-                  f"use a sorted subsample; activation bits {act_bits} (not copied from the weights)")
+    what = ("MSE of the raw weights x 1e6 (K=2^n)" if distortion == "raw" else
+            f"MSE / var(w) x {REFERENCE_WEIGHT_VARIANCE:g} x 1e6 (K=2^n-1, the deployed levels)")
+    plan.notes = (f"HQ: smallest n in {bit_min}..{bit_max} with 1-D k-means (k-means++, seed {seed}) {what} "
+                  f"< {threshold:g}, else {bit_max}; layers over {max_samples} weights use a sorted subsample; "
+                  f"activation bits {act_bits} (not copied from the weights)")
     return plan
 
 
@@ -223,12 +255,12 @@ def _check_bit_range(bit_min: int, bit_max: int) -> None:
 
 def choose_plan(model: nn.Module, method: str, img_size: int, *, threshold: float = 0.1, bit_min: int = 2,
                 bit_max: int = 8, seed: int = 0, act_bits: int | None = 8, budget: dict | None = None,
-                source=None) -> BitPlan:
+                source=None, distortion: str = "raw") -> BitPlan:
     """The one dispatch from a plan request to a plan: HQ's k-means rule (`hq`) or a budget (`budget`:
     avg_bits, size_mb and/or bops_g). Training (the recipe's ghost.plan) and `ghost-deploy plan` both call it."""
     if method == "hq":
         return hq_plan(model, threshold=threshold, bit_min=bit_min, bit_max=bit_max, seed=seed, act_bits=act_bits,
-                       img_size=img_size)
+                       img_size=img_size, distortion=distortion)
     if method == "budget":
         return budget_plan(model, budget or {}, act_bits=act_bits, img_size=img_size)
     raise UserError(source, f"ghost.plan.method must be hq or budget, got {method!r}")

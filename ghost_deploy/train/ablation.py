@@ -27,10 +27,10 @@ ROWS = (
 )
 
 
-def score_checkpoint(path, recipe: dict, split: str = "test") -> dict:
-    """mAP on `split`, average bits, size and BOPs of a checkpoint."""
+def score_checkpoint(path, recipe: dict, split: str = "test", data: str | None = None) -> dict:
+    """mAP on `split` of `data` (default: the dataset the checkpoint trained on), average bits, size and BOPs."""
     model, meta = model_from_checkpoint(path, with_sr=False)
-    spec = load_dataset_yaml(meta.data)
+    spec = load_dataset_yaml(data or meta.data)
     loader = make_loader(Dataset(spec, split, meta.img_size, augment=False), 16, False, 0)
     metrics = evaluate_model(model, loader, meta.nc, recipe["eval"]["conf_thres"], recipe["eval"]["iou_thres"])
     plan = meta.bit_plan or uniform_plan(model, weight_bits=32, act_bits=32, image_size=meta.img_size)

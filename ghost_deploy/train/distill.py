@@ -17,11 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYER_NORMS = ("paper", "mean")
+from ghost_deploy.recipe import LAYER_NORMS, SWITCH_MODES
+
 PAPER_OST_WEIGHT = 400.0  # the reference's kd_weight, tuned for layer_norm='paper' at 512 px input
 _PROB_EPS = 1e-6
 
@@ -64,7 +66,7 @@ class DistillOutput:
     (0 without per-image detection losses). open_rate_per_layer (L,): share of images whose hard gate was
     open. open_probability_per_layer (L,): mean open probability. gates (B, L): hard 0/1 in the forward,
     soft straight-through gradient. distance (B, L): detached per-layer OST distance. switch_target (B,)
-    or None: 1 where the teacher's detection loss was lower.
+    or None: 1 where the teacher's detection loss was lower. probability (B, L): detached open probability.
     """
 
     ost_loss: torch.Tensor
@@ -74,6 +76,7 @@ class DistillOutput:
     gates: torch.Tensor
     distance: torch.Tensor
     switch_target: torch.Tensor | None = None
+    probability: torch.Tensor | None = None
 
 
 class SelfTeaching(nn.Module):
@@ -192,6 +195,7 @@ class SelfTeaching(nn.Module):
             gates=gates,
             distance=distance.detach(),
             switch_target=switch_target,
+            probability=probability.detach(),
         )
 
     def require_in_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -223,6 +227,68 @@ class SelfTeaching(nn.Module):
                     f"layer {layer}: channels teacher {teacher.shape[1]} / student {student.shape[1]}, built "
                     f"for {self.teacher_channels[layer]} / {self.student_channels[layer]}"
                 )
+
+
+def switch_mode(value) -> str:
+    """The recipe's ghost.distill.switch as a mode: booleans (older recipes) map to learned / off."""
+    if value is True:
+        return "learned"
+    if value is False:
+        return "off"
+    if value not in SWITCH_MODES:
+        raise ValueError(f"ghost.distill.switch must be one of {', '.join(SWITCH_MODES)} (or true/false), got {value!r}")
+    return value
+
+
+def random_gates(distance: torch.Tensor, open_rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A gate per image and layer, open with probability `open_rate`, blind to the images: the switch's control."""
+    if not 0.0 <= open_rate <= 1.0:
+        raise ValueError(f"random_open_rate must lie in [0, 1], got {open_rate}")
+    draw = torch.rand(distance.shape, generator=generator, device="cpu").to(distance.device)
+    return (draw < open_rate).to(distance.dtype)
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half); nan when one class is absent."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(scores.size)
+    sorted_scores = scores[order]
+    # average rank over each run of equal scores
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_scores)) + 1])
+    ends = np.concatenate([starts[1:], [scores.size]])
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+class SwitchLog:
+    """Does the switch decide anything? Per layer over an epoch: AUC of the open probability against the switch's
+    target (0.5 = chance) and the target's base rate. `update(probability (B, L), target (B,))` per step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._probabilities: list[np.ndarray] = []
+        self._targets: list[np.ndarray] = []
+
+    def update(self, probability: torch.Tensor, target: torch.Tensor) -> None:
+        self._probabilities.append(probability.detach().float().cpu().numpy())
+        self._targets.append(target.detach().float().cpu().numpy())
+
+    def epoch_summary(self) -> dict:
+        """{"auc_per_layer": [...], "auc": mean over layers, "base_rate": share of targets = 1}; {} when empty."""
+        if not self._probabilities:
+            return {}
+        probability, target = np.concatenate(self._probabilities), np.concatenate(self._targets)
+        per_layer = [roc_auc(probability[:, layer], target) for layer in range(probability.shape[1])]
+        finite = [auc for auc in per_layer if np.isfinite(auc)]
+        return {"auc_per_layer": per_layer, "auc": float(np.mean(finite)) if finite else float("nan"),
+                "base_rate": float(target.mean())}
 
 
 class OpenRateLog:

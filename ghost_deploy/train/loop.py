@@ -39,7 +39,16 @@ from ghost_deploy.quant import (
     quantize_model,
 )
 from ghost_deploy.quant.hq import choose_plan
-from ghost_deploy.train.distill import OpenRateLog, SelfTeaching, gqsd_loss, ost_distance
+from ghost_deploy.recipe import AMP_MODES
+from ghost_deploy.train.distill import (
+    OpenRateLog,
+    SelfTeaching,
+    SwitchLog,
+    gqsd_loss,
+    ost_distance,
+    random_gates,
+    switch_mode,
+)
 from ghost_deploy.train.distributed import broadcast_object
 from ghost_deploy.train.loss import DetectionLoss
 
@@ -129,7 +138,6 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int
     )
 
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 def amp_mode(mode: str, device: torch.device) -> torch.dtype | None:
@@ -455,14 +463,26 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def train_teacher(recipe: dict, out_dir, data: str | None = None, device: str | None = None, resume: bool = False,
                   progress: bool = True, strict: bool = False, epochs: int | None = None, rank: int = 0,
-                  world_size: int = 1, log=print, overwrite: bool = False) -> dict:
-    """Train the FP32 teacher (with the SR branch when the recipe asks). Returns paths and best metrics."""
+                  world_size: int = 1, log=print, overwrite: bool = False, init_from=None) -> dict:
+    """Train the FP32 teacher (with the SR branch when the recipe asks). Returns paths and best metrics.
+
+    init_from: a checkpoint whose detector weights start the run (fine-tuning a teacher for as many epochs as
+    GHOST trains, the control that tells extra epochs from distillation)."""
     out_dir = Path(out_dir)
     if rank == 0:
         prepare_run_folder(out_dir, resume, overwrite)
     bundle = load_data(recipe, data, strict=strict)
     seed_everything(recipe["seed"])
     model = build_model(recipe["model"], nc=bundle.spec.nc, input_mode=recipe["input_mode"], sr=recipe["sr"])
+    if init_from is not None:
+        state = model_from_checkpoint(init_from, with_sr=False)[0].detector_state_dict()
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shapes differ: another config or class count
+            raise UserError(init_from, f"does not fit {recipe['model']} with {bundle.spec.nc} classes "
+                                       f"({str(exc).splitlines()[1].strip()})") from None
+        if unexpected or any(not key.startswith("sr.") for key in missing):  # only a fresh SR branch may start anew
+            raise UserError(init_from, f"does not fit {recipe['model']}: {(unexpected or missing)[0]!r}")
     loss_fn = DetectionLoss(model.detect, recipe["hyp"], img_size=recipe["img_size"])
     dev = resolve_device(device)
     stage = StageSpec("teacher", model, recipe["teacher"], meta=checkpoint_meta(recipe, bundle.spec, "teacher", bundle.data_yaml, model),
@@ -492,7 +512,10 @@ class GhostForward(nn.Module):
         return self.student.forward_features(*inputs)
 
 
-def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
+def _ghost_step(teacher, loss_fn, distill_cfg, logs: "DistillLogs"):
+    open_log, switch_log, grad_log = logs.open_rate, logs.switch, logs.gradient_ratio
+    mode = switch_mode(distill_cfg["switch"])
+    det_weight, ost_weight = distill_cfg["det_weight"], distill_cfg["ost_weight"]
 
     def step(train_module, batch, inputs):
         inner = train_module.module if hasattr(train_module, "module") else train_module
@@ -501,22 +524,74 @@ def _ghost_step(teacher, loss_fn, distill_cfg, open_log):
         det_loss, items = loss_fn(heads, targets)
         logged = {"box": items[0], "obj": items[1], "cls": items[2]}
         if not distill_cfg["enabled"]:
-            return det_loss, logged
+            return det_weight * det_loss, logged
         with torch.no_grad():
             teacher_heads, teacher_features = teacher.forward_features(*inputs)
             teacher_per_image = loss_fn(teacher_heads, targets, per_image=True)[0]
-        if not distill_cfg["switch"]:  # plain GQSD: every layer of every image distilled, no SCM
-            ost = ost_distance(teacher_features, student_features, distill_cfg["layer_norm"]).mean(dim=0).sum()
-            logged["ost"] = ost.detach()
-            return det_loss + distill_cfg["ost_weight"] * ost, logged
+        if mode != "learned":  # GQSD: every layer distilled (off), or a blind gate at a fixed open rate (random)
+            distance = ost_distance(teacher_features, student_features, distill_cfg["layer_norm"])
+            if mode == "random":
+                gates = random_gates(distance.detach(), distill_cfg["random_open_rate"])
+                open_log.update(gates)
+                distance = gates * distance
+            ost = distance.mean(dim=0).sum()
+            logged["ost"] = (ost_weight * ost).detach()
+            grad_log.maybe_measure(inner.student, det_weight * det_loss, ost_weight * ost)
+            return det_weight * det_loss + ost_weight * ost, logged
         student_per_image = loss_fn([h.detach() for h in heads], targets, per_image=True)[0]
         out = inner.distiller(teacher_features, student_features, teacher_per_image, student_per_image)
         open_log.update(out.gates)
-        total, parts = gqsd_loss(det_loss, out, ost_weight=distill_cfg["ost_weight"], switch_weight=distill_cfg["switch_weight"])
+        switch_log.update(out.probability, out.switch_target)
+        total, parts = gqsd_loss(det_loss, out, ost_weight=ost_weight, switch_weight=distill_cfg["switch_weight"],
+                                 det_weight=det_weight)
+        grad_log.maybe_measure(inner.student, det_weight * det_loss, ost_weight * out.ost_loss)
         logged.update({"ost": parts["ost"], "switch": parts["switch"], "open": out.gates.detach().float().mean()})
         return total, logged
 
     return step
+
+
+class GradientRatioLog:
+    """||grad of the OST term|| / ||grad of the detection term|| over the student's weights, on the first step of
+    each epoch (two extra backward passes an epoch): how much the distillation steers the student."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.ratio: float | None = None
+
+    def maybe_measure(self, student: nn.Module, det_term: torch.Tensor, ost_term: torch.Tensor) -> None:
+        if not self.enabled or self.ratio is not None or not ost_term.requires_grad:
+            return
+        params = [p for p in student.parameters() if p.requires_grad]
+        norms = []
+        for term in (det_term, ost_term):
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item())
+        self.ratio = norms[1] / norms[0] if norms[0] > 0 else float("inf")
+
+    def take(self) -> float | None:
+        ratio, self.ratio = self.ratio, None
+        return ratio
+
+
+class DistillLogs:
+    """What results.csv records of the distillation per epoch: open rates, the switch's AUC against its target and
+    the target's base rate, and the OST/detection gradient ratio."""
+
+    def __init__(self, grad_enabled: bool = True):
+        self.open_rate, self.switch, self.gradient_ratio = OpenRateLog(), SwitchLog(), GradientRatioLog(grad_enabled)
+
+    def epoch_end(self, epoch: int) -> dict:
+        rates, switch = self.open_rate.epoch_summary(), self.switch.epoch_summary()
+        self.open_rate.reset()
+        self.switch.reset()
+        ratio = self.gradient_ratio.take()
+        return {"open_rate": round(float(np.mean(rates)), 4) if rates else "",
+                "open_rate_per_layer": " ".join(f"{r:.2f}" for r in rates),
+                "switch_auc": round(switch["auc"], 4) if switch else "",
+                "switch_auc_per_layer": " ".join(f"{a:.2f}" for a in switch["auc_per_layer"]) if switch else "",
+                "switch_base_rate": round(switch["base_rate"], 4) if switch else "",
+                "ost_det_grad_ratio": round(ratio, 4) if ratio is not None else ""}
 
 
 def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
@@ -532,7 +607,7 @@ def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
                        bit_min=plan_cfg["bit_min"], bit_max=plan_cfg["bit_max"], seed=recipe["seed"],
                        act_bits=plan_cfg["act_bits"],
                        budget={k: plan_cfg[k] for k in ("avg_bits", "size_mb", "bops_g") if k in plan_cfg},
-                       source=recipe.get("recipe_path"))
+                       source=recipe.get("recipe_path"), distortion=plan_cfg.get("distortion", "raw"))
     return plan
 
 
@@ -590,21 +665,15 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
         channels = [f.shape[1] for f in teacher.forward_features(*probe)[1]]
     distiller = SelfTeaching(channels, channels, qk_dim=distill_cfg["qk_dim"], tau=distill_cfg["tau"],
                              open_bounds=tuple(distill_cfg["open_bounds"]), layer_norm=distill_cfg["layer_norm"])
-    open_log = OpenRateLog()
+    logs = DistillLogs(grad_enabled=world_size == 1)  # autograd.grad beside DDP's reducer hooks is not safe
     loss_fn = DetectionLoss(student.detect, recipe["hyp"], img_size=recipe["img_size"])
     dev = resolve_device(device)
     teacher.to(dev)
-
-    def epoch_end(epoch):
-        rates = open_log.epoch_summary()
-        open_log.reset()
-        return {"open_rate": round(float(np.mean(rates)), 4) if rates else "", "open_rate_per_layer": " ".join(f"{r:.2f}" for r in rates)}
-
     meta = checkpoint_meta(recipe, bundle.spec, "ghost", bundle.data_yaml, student, bit_plan=plan,
                            teacher={"path": str(teacher_path), "metrics": teacher_meta.get("metrics")},
                            distill=distill_cfg)
     stage = StageSpec("ghost", student, recipe["ghost"], extra_modules=[distiller], meta=meta,
-                      step_fn=_ghost_step(teacher, loss_fn, distill_cfg, open_log), epoch_end_fn=epoch_end,
+                      step_fn=_ghost_step(teacher, loss_fn, distill_cfg, logs), epoch_end_fn=logs.epoch_end,
                       train_module=GhostForward(student, distiller))
     result = fit(stage, recipe, bundle, out_dir, dev, resume=resume, progress=progress, epochs=epochs, rank=rank,
                  world_size=world_size, log=log)
