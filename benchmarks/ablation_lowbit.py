@@ -9,6 +9,7 @@ An interrupted run continues: finished rows are read back from <out>/seed<k>/<ro
 """
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -20,7 +21,7 @@ from ghost_deploy.data.synth import ensure_synthetic_dataset
 from ghost_deploy.io import write_json_atomic
 from ghost_deploy.recipe import load_recipe
 from ghost_deploy.train.loop import train_teacher
-from ghost_deploy.train.lowbit import format_summary, paired, run_extra_rows, run_seed, summarise
+from ghost_deploy.train.lowbit import ROW_ORDER, format_summary, paired, run_extra_rows, run_seed, summarise
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--recipe", default="demo")
@@ -34,6 +35,8 @@ parser.add_argument("--no-extra", action="store_true", help="skip the W3.5 and A
 parser.add_argument("--ost-weights", type=float, nargs=2, default=[4.0, 16.0])
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--json", default="docs/results/ablation-lowbit.json")
+parser.add_argument("--summarise-only", action="store_true",
+                    help="train nothing: summarise the rows already finished under --out (e.g. while extras still run)")
 args = parser.parse_args()
 
 torch.set_num_threads(args.threads)
@@ -43,15 +46,21 @@ out = Path(args.out)
 teacher = args.teacher or train_teacher(recipe, out / "teacher", data=data_yaml, progress=False, overwrite=False)["best"]
 started = time.time()
 scores = []
-for seed in args.seeds:
+if args.summarise_only:
+    scores = [json.loads(path.read_text()) for seed in args.seeds
+              for path in sorted((out / f"seed{seed}").glob("*/score.json"))]
+    order = {name: index for index, name in enumerate(ROW_ORDER)}
+    scores.sort(key=lambda score: (order.get(score["name"], len(order)), score["name"], score["seed"]))
+for seed in [] if args.summarise_only else args.seeds:
     scores += run_seed(recipe, teacher, data_yaml, out, seed, args.epochs, tuple(args.ost_weights), args.max_avg_bits,
                        tuple(args.bit_range), log=lambda line: print(line, flush=True))
-for seed in [] if args.no_extra else args.seeds:  # after every seed's main rows, so those finish first
+for seed in [] if args.no_extra or args.summarise_only else args.seeds:  # after every seed's main rows, so those finish first
     scores += run_extra_rows(recipe, teacher, data_yaml, out, seed, args.epochs, args.ost_weights[1], args.max_avg_bits,
                              tuple(args.bit_range), log=lambda line: print(line, flush=True))
 summary = summarise(scores)
 low, high = args.ost_weights
-summary["paired"] = {f"{a} - {b}": dict(zip(("mean", "std", "seeds"), paired(summary, a, b))) for a, b in (
+finite = lambda value: value if isinstance(value, int) or math.isfinite(value) else None  # noqa: E731 (JSON has no NaN)
+summary["paired"] = {f"{a} - {b}": dict(zip(("mean", "std", "seeds"), map(finite, paired(summary, a, b)))) for a, b in (
     (f"gqsd-ost{low:g}", "qat"), (f"gqsd-ost{high:g}", "qat"), ("ghost", "ghost-random-gate"), ("ghost", "qat"),
     ("ghost", "uniform-same-bits"), ("teacher-finetuned", "teacher"), ("qat", "ptq"))}
 summary["setup"] = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "recipe": args.recipe,

@@ -32,8 +32,8 @@ from ghost_deploy.train.ablation import score_checkpoint
 from ghost_deploy.train.loop import train_ghost, train_teacher
 
 CALIB_IMAGES = 128  # PTQ calibration pairs from the train split (the MSE calibrator's cost grows with them)
-ROW_ORDER = ("teacher", "teacher-finetuned", "ptq", "qat", "gqsd-ost{low}", "gqsd-ost{high}", "ghost",
-             "ghost-random-gate", "uniform-same-bits")
+ROW_ORDER = ("teacher", "teacher-finetuned", "ptq", "qat", "gqsd-ost4", "gqsd-ost16", "ghost", "ghost-random-gate",
+             "uniform-same-bits", "ptq-w3.5", "ghost-w3.5", "ptq-a4", "ghost-a4")  # at the default OST weights
 
 
 def hq_plan_for_bits(model, max_avg_bits: float, img_size: int, bit_min: int = 2, bit_max: int = 4) -> BitPlan:
