@@ -70,22 +70,10 @@ def export_report(path: Path) -> dict:
 
 
 def latency(paths: dict[str, Path], inputs: dict, threads: int, runs: int) -> dict[str, float]:
-    import onnxruntime as ort
+    from ort_cpu_latency import interleaved, session  # benchmarks/: the interleaved ORT timer both scripts use
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                for name, path in paths.items()}
-    feed = {name: value[:1] for name, value in inputs.items()}
-    for session in sessions.values():
-        for _ in range(3):
-            session.run(None, feed)
-    times = {name: [] for name in sessions}
-    for _ in range(runs):
-        for name, session in sessions.items():
-            started = time.perf_counter()
-            session.run(None, feed)
-            times[name].append((time.perf_counter() - started) * 1e3)
+    sessions = {name: session(path, threads) for name, path in paths.items()}
+    times = interleaved(sessions, {name: value[:1] for name, value in inputs.items()}, runs, warmup=3)
     return {name: round(statistics.median(values), 2) for name, values in times.items()}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_bad_input import assert_user_error  # the one-line, exit-2 contract, checked one way
 
 from ghost_deploy.bitplan import BitPlan
 from ghost_deploy.cli import main
@@ -29,17 +30,6 @@ def cli(*args):
         return CliRunner().invoke(main, [str(arg) for arg in args])
     finally:
         DEBUG["on"] = False
-
-
-def assert_user_error(result, path, *fragments) -> str:
-    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {path}: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def hidden_files(folder: Path) -> list[str]:

@@ -40,8 +40,7 @@ from ghost_deploy.io import (
 )
 from ghost_deploy.model.detector import INPUT_CHANNELS
 from ghost_deploy.onnx_graph import name_tensors_after_nodes
-from ghost_deploy.parity.compare import compare_outputs
-from ghost_deploy.parity.gate import run_gate, run_in_chunks
+from ghost_deploy.parity.gate import compare_with_reference, run_gate, run_in_chunks
 from ghost_deploy.parity.inputs import (
     budgets_from_recipe,
     parity_arithmetic as recipe_arithmetic,
@@ -338,9 +337,8 @@ def run_export_gate(built: BuiltExport, checks: GraphChecks, options: ExportOpti
     if gate.passed and not gate.report.passed and gate.exact is not None:
         # Exact arithmetic passed, so the float32 difference is rounding; how much rounding alone moves this model
         # is measured for free: PyTorch's own float32 run against its exact-arithmetic run, same images and budgets.
-        gate.own_rounding = compare_outputs(gate.exact.reference_outputs, parity_set.outputs, budgets,
-                                            output_scales=parity_set.meta.output_scales,
-                                            detection_fn=parity_set.detection_fn(conf_thres=budgets.score_threshold / 2))
+        gate.own_rounding = compare_with_reference(parity_set, parity_set.outputs, budgets,
+                                                   reference=gate.exact.reference_outputs)
     if options.per_layer or not gate.passed:
         layer_bits = {name: (spec.weight_bits, built.acts[spec.act_key].bits if spec.act_key else None)
                       for name, spec in built.convs.items()} if not fp32 else \

@@ -51,8 +51,14 @@ def run_parity(parity_set: ParitySet, runner, budgets: Budgets | None = None, ba
             if name in produced:
                 chunks[name].append(np.asarray(produced[name]))
     candidate = {name: np.concatenate(parts, axis=0) for name, parts in chunks.items() if parts}
+    return compare_with_reference(parity_set, candidate, budgets)
+
+
+def compare_with_reference(parity_set: ParitySet, candidate: dict[str, np.ndarray], budgets: Budgets,
+                           reference: dict[str, np.ndarray] | None = None) -> ParityReport:
+    """`candidate` outputs against the parity set's reference (or `reference`), with its scales and decoding."""
     detection_fn = parity_set.detection_fn(conf_thres=budgets.score_threshold / 2)
-    return compare_outputs(parity_set.outputs, candidate, budgets,
+    return compare_outputs(parity_set.outputs if reference is None else reference, candidate, budgets,
                            output_scales=parity_set.meta.output_scales, detection_fn=detection_fn)
 
 

@@ -118,19 +118,10 @@ def run_seed(recipe: dict, teacher: str, data_yaml: str, out: Path, seed: int, e
                             log=lambda *_: None)
         return run["best"], {}
 
-    def ptq(folder, row_plan=plan):
-        manifest = make_calib_set(data_yaml, CALIB_IMAGES, split="train", out_dir=folder / "calib", force=True, seed=seed)
-        return ptq_checkpoint(teacher, folder / "ptq.safetensors", manifest, plan=row_plan), {}
+    ptq = _ptq_row(teacher, data_yaml, seed, plan)
 
     def ghost_row(switch, ost_weight, enabled=True, row_plan=plan, open_rate=0.5):
-        def make(folder):
-            row_recipe = _row_recipe(recipe, seed, epochs, switch, ost_weight, enabled, open_rate)
-            if plan_act_bits(row_plan) != 8:  # low-bit activations need their scales learned, not only calibrated
-                row_recipe["ghost"] = {**row_recipe["ghost"], "learn_act_scales": True}
-            run = train_ghost(row_recipe, folder, teacher, data=data_yaml, bit_plan_path=row_plan, progress=False,
-                              overwrite=True, log=lambda *_: None)
-            return run["best"], _switch_log(folder)
-        return make
+        return _ghost_row(recipe, teacher, data_yaml, seed, epochs, row_plan, switch, ost_weight, enabled, open_rate)
 
     rows.append(study.row("teacher-finetuned", finetune))
     rows.append(study.row("ptq", ptq))
@@ -158,21 +149,31 @@ def run_extra_rows(recipe: dict, teacher: str, data_yaml: str, out: Path, seed: 
             layer.act_bits = 4
     rows = []
     for tag, row_plan in (("w3.5", mild), ("a4", a4)):
-        def ptq(folder, row_plan=row_plan):
-            manifest = make_calib_set(data_yaml, CALIB_IMAGES, split="train", out_dir=folder / "calib", force=True,
-                                      seed=seed)
-            return ptq_checkpoint(teacher, folder / "ptq.safetensors", manifest, plan=row_plan), {}
-
-        def ghost(folder, row_plan=row_plan):
-            row_recipe = _row_recipe(recipe, seed, epochs, "learned", ost_weight)
-            if tag == "a4":
-                row_recipe["ghost"] = {**row_recipe["ghost"], "learn_act_scales": True}
-            run = train_ghost(row_recipe, folder, teacher, data=data_yaml, bit_plan_path=row_plan, progress=False,
-                              overwrite=True, log=lambda *_: None)
-            return run["best"], _switch_log(folder)
-        rows.append(study.row(f"ptq-{tag}", ptq))
-        rows.append(study.row(f"ghost-{tag}", ghost))
+        rows.append(study.row(f"ptq-{tag}", _ptq_row(teacher, data_yaml, seed, row_plan)))
+        rows.append(study.row(f"ghost-{tag}", _ghost_row(recipe, teacher, data_yaml, seed, epochs, row_plan, "learned",
+                                                         ost_weight)))
     return rows
+
+
+def _ghost_row(recipe: dict, teacher: str, data_yaml: str, seed: int, epochs: int, plan: BitPlan, switch,
+               ost_weight: float, enabled: bool = True, open_rate: float = 0.5):
+    """A row maker: QAT of the teacher at `plan` with the given distillation; returns (best, switch log)."""
+    def make(folder: Path):
+        row_recipe = _row_recipe(recipe, seed, epochs, switch, ost_weight, enabled, open_rate)
+        if any(layer.act_bits < 8 for layer in plan.layers.values()):  # low-bit activations: scales learned too
+            row_recipe["ghost"] = {**row_recipe["ghost"], "learn_act_scales": True}
+        run = train_ghost(row_recipe, folder, teacher, data=data_yaml, bit_plan_path=plan, progress=False,
+                          overwrite=True, log=lambda *_: None)
+        return run["best"], _switch_log(folder)
+    return make
+
+
+def _ptq_row(teacher: str, data_yaml: str, seed: int, plan: BitPlan):
+    """A row maker: PTQ of the teacher at `plan`, calibrated on CALIB_IMAGES train pairs drawn with `seed`."""
+    def make(folder: Path):
+        manifest = make_calib_set(data_yaml, CALIB_IMAGES, split="train", out_dir=folder / "calib", force=True, seed=seed)
+        return ptq_checkpoint(teacher, folder / "ptq.safetensors", manifest, plan=plan), {}
+    return make
 
 
 def plan_act_bits(plan: BitPlan) -> int | None:
