@@ -2,7 +2,8 @@
 PyTorch FP32 pass over the same parity images, and CPU latency of every form against ORT FP32.
 
     python benchmarks/export_scale.py [--sizes 512 1024] [--model ghost-s-vedai] [--latency-size 512]
-                                      [--runs 20] [--json docs/results/export-scale.json]
+                                      [--runs 20] [--json docs/results/export-scale.json] [--residual-outputs]
+                                      [--demo-run RUN [--demo-extra LABEL=GHOST_CHECKPOINT ...]]
 
 For every size: a `ghost-deploy sample` checkpoint (random weights off the power-of-two grid, like a trained
 model's; HQ plan), then each export in its own process (wall time and that process's peak RSS, from wait4),
@@ -94,9 +95,12 @@ def quantize_static_u8(fp32_path: Path, out_path: Path, inputs: dict) -> Path:
     return out_path
 
 
-def demo_comparison(run: Path, folder: Path, runs: int) -> dict:
+def demo_comparison(run: Path, folder: Path, runs: int, extra: dict[str, Path] | None = None, cli=None) -> dict:
     """The demo model at 128 px: latency (1 thread, interleaved) and val mAP50 of ORT FP32 (teacher), the
-    TensorRT and CPU forms of the GHOST model, and ORT's own `quantize_static` u8 of the FP32 teacher."""
+    TensorRT and CPU forms of the GHOST model, and ORT's own `quantize_static` u8 of the FP32 teacher.
+
+    `extra`: {label: GHOST checkpoint} of the same teacher (e.g. trained with `ghost.plan.residual_outputs`),
+    exported here in both forms (default checks) and measured beside the rest."""
     from ghost_deploy.bench.accuracy import evaluate_backends
     from ghost_deploy.bench.backends import OrtBackend
     from ghost_deploy.bench.prepost import head_spec_from_meta
@@ -111,6 +115,12 @@ def demo_comparison(run: Path, folder: Path, runs: int) -> dict:
              "cpu-form": run / "export" / "ghost-cpu.onnx",
              "ort-quantize-static-u8": quantize_static_u8(run / "export" / "teacher-fp32.onnx",
                                                           folder / "demo-ort-qs.onnx", calibration)}
+    for label, checkpoint in (extra or {}).items():
+        for form, flags in (("trt-form", []), ("cpu-form", ["--target", "cpu"])):
+            out = folder / f"demo-{label}-{form}.onnx"
+            subprocess.run(cli + ["export", "--onnx", str(checkpoint), "--out", str(out), *flags], check=True,
+                           stdout=subprocess.DEVNULL)
+            paths[f"{label}-{form}"] = out
     medians = latency(paths, calibration, 1, runs)
     spec = head_spec_from_meta(onnx_metadata(paths["trt-form"]), str(paths["trt-form"]))
     backends = [OrtBackend(path, label=name, threads=1) for name, path in paths.items()]
@@ -137,6 +147,10 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep samples and exports here")
     parser.add_argument("--demo-run", type=Path, default=None, help="a demo pipeline run folder: compare its 128 px "
                         "exports with ORT's quantize_static of its teacher (latency and val mAP50)")
+    parser.add_argument("--demo-extra", nargs="*", default=[], metavar="LABEL=CHECKPOINT",
+                        help="more GHOST checkpoints of the demo teacher to export and compare (both forms)")
+    parser.add_argument("--residual-outputs", action="store_true", help="also a sample with residual-branch output "
+                        "quantizers (`sample --residual-outputs`), exported in the CPU form and timed beside the rest")
     args = parser.parse_args()
 
     from ghost_deploy.checkpoint import read_meta
@@ -154,17 +168,24 @@ def main() -> None:
             if not checkpoint.exists():
                 subprocess.run(cli + ["sample", args.model, "--img-size", str(size), "--out", str(checkpoint)],
                                check=True, stdout=subprocess.DEVNULL)
+            variants = {"": checkpoint}
+            if args.residual_outputs:
+                variants["-residual"] = folder / f"sample-{size}-residual.safetensors"
+                if not variants["-residual"].exists():
+                    subprocess.run(cli + ["sample", args.model, "--img-size", str(size), "--residual-outputs", "--out",
+                                          str(variants["-residual"])], check=True, stdout=subprocess.DEVNULL)
             baseline = torch_fp32_pass(checkpoint, args.parity_count)
             row = {"torch_fp32_pass_s": round(baseline, 2), "forms": {}}
-            for form in args.forms:
-                out = folder / f"{size}-{form}.onnx"
+            jobs = [(form, "") for form in args.forms] + [("cpu", "-residual")] * ("-residual" in variants)
+            for form, variant in jobs:
+                out = folder / f"{size}-{form}{variant}.onnx"
                 extra = {"trt": [], "cpu": ["--target", "cpu"], "fp32": ["--fp32"]}[form]
-                measured = run_measured(cli + ["export", "--onnx", str(checkpoint), "--out", str(out), "--parity-count",
-                                               str(args.parity_count), *extra])
+                measured = run_measured(cli + ["export", "--onnx", str(variants[variant]), "--out", str(out),
+                                               "--parity-count", str(args.parity_count), *extra])
                 measured.update(export_report(out))
                 measured["wall_over_torch_pass"] = round(measured["wall_s"] / baseline, 2)
-                row["forms"][form] = measured
-                print(f"{size} px {form:5s}: {measured['wall_s']:.1f} s ({measured['wall_over_torch_pass']:.1f}x one "
+                row["forms"][form + variant] = measured
+                print(f"{size} px {form + variant:5s}: {measured['wall_s']:.1f} s ({measured['wall_over_torch_pass']:.1f}x one "
                       f"FP32 pass of {baseline:.2f} s), peak {measured['peak_rss_mb']:.0f} MB, exit "
                       f"{measured['exit_code']}, passed {measured.get('passed')}", flush=True)
             if size == args.latency_size and {"trt", "cpu", "fp32"} <= set(args.forms):
@@ -174,6 +195,8 @@ def main() -> None:
                          "cpu-form": folder / f"{size}-cpu.onnx",
                          "ort-quantize-static-u8": quantize_static_u8(folder / f"{size}-fp32.onnx",
                                                                        folder / f"{size}-ort-qs.onnx", inputs)}
+                if "-residual" in variants:
+                    paths["cpu-form-residual"] = folder / f"{size}-cpu-residual.onnx"
                 row["latency_ms"] = {}
                 for threads in (1, 2):
                     medians = latency(paths, inputs, threads, args.runs)
@@ -183,7 +206,9 @@ def main() -> None:
                                                                           for k, v in medians.items()), flush=True)
             results["sizes"][str(size)] = row
         if args.demo_run is not None:
-            results["demo_128"] = demo_comparison(args.demo_run, folder, max(args.runs, 200))
+            extra = dict(item.split("=", 1) for item in args.demo_extra)
+            results["demo_128"] = demo_comparison(args.demo_run, folder, max(args.runs, 200),
+                                                  {k: Path(v) for k, v in extra.items()}, cli)
             for name, value in results["demo_128"].items():
                 print(f"demo 128 px {name}: {value}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,9 @@ MIN_BITS, MAX_BITS = 2, 8
 # Bytes of one float parameter (bias, per-channel scale) in the deployed model.
 FLOAT_BYTES = 4
 LAYER_KEYS = ("weight_bits", "act_bits", "params", "macs", "criterion", "input_tensor", "act_quantizer", "out_channels",
-              "bias_params")
+              "bias_params", "output_bits")
+# Written only when set: plans of earlier versions (and float outputs) read back unchanged.
+OPTIONAL_LAYER_KEYS = {"output_bits": 32}
 PLAN_KEYS = ("format", "version", "model_name", "method", "threshold", "budget", "image_size", "notes", "summary",
              "layers")
 
@@ -40,10 +42,15 @@ class LayerPlan:
     act_quantizer: str = ""
     out_channels: int = 0
     bias_params: int = 0  # float bias after BN folding (or the conv's own bias)
+    # Bits of a quantizer on the conv block's output (after its ReLU); 32 = float output, the default. Set on the
+    # last conv of a residual branch, it puts both inputs of the residual add on integer grids, so an integer
+    # compiler (ONNX Runtime's QLinearConv + QLinearAdd) can run the branch without leaving integers.
+    output_bits: int = FLOAT_BITS
 
     def __post_init__(self):
         self.weight_bits = FLOAT_BITS if self.weight_bits is None else self.weight_bits
         self.act_bits = FLOAT_BITS if self.act_bits is None else self.act_bits
+        self.output_bits = FLOAT_BITS if self.output_bits is None else self.output_bits
 
     @property
     def quantizer_key(self) -> str:
@@ -84,7 +91,7 @@ class BitPlan:
             "notes": self.notes,
             # Informational: recomputed on every save, ignored on load (edit the layers, not this).
             "summary": summary_numbers(self),
-            "layers": {name: {key: getattr(layer, key) for key in LAYER_KEYS} for name, layer in self.layers.items()},
+            "layers": {name: _layer_dict(layer) for name, layer in self.layers.items()},
         }
 
     @classmethod
@@ -145,6 +152,11 @@ class BitPlan:
         return [layer.weight_bits for layer in self.layers.values()]
 
 
+def _layer_dict(layer: LayerPlan) -> dict:
+    return {key: getattr(layer, key) for key in LAYER_KEYS
+            if key not in OPTIONAL_LAYER_KEYS or getattr(layer, key) != OPTIONAL_LAYER_KEYS[key]}
+
+
 def _parse_layer(name: str, entry, source: str | None) -> LayerPlan:
     if isinstance(entry, int) and not isinstance(entry, bool):
         entry = {"weight_bits": entry}  # shorthand: "model.3.conv": 6
@@ -156,8 +168,8 @@ def _parse_layer(name: str, entry, source: str | None) -> LayerPlan:
     if "weight_bits" not in entry:
         raise UserError(source, f"layer {name!r}: weight_bits is missing")
     values = {}
-    for key in ("weight_bits", "act_bits"):
-        values[key] = _parse_bits(name, key, entry.get(key, 8 if key == "act_bits" else None), source)
+    for key, default in (("weight_bits", None), ("act_bits", 8), ("output_bits", FLOAT_BITS)):
+        values[key] = _parse_bits(name, key, entry.get(key, default), source)
     for key in ("params", "macs", "out_channels", "bias_params"):
         value = entry.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -207,7 +219,7 @@ def size_mb(plan: BitPlan, conv_weights_only: bool = False) -> float:
     """
     total = 0.0
     tensors = set()
-    for layer in plan.layers.values():
+    for name, layer in plan.layers.items():
         if conv_weights_only:
             total += layer.params * layer.weight_bits / 8
             continue
@@ -217,6 +229,8 @@ def size_mb(plan: BitPlan, conv_weights_only: bool = False) -> float:
         total += FLOAT_BYTES * layer.bias_params
         if layer.act_bits != FLOAT_BITS:
             tensors.add(layer.quantizer_key)
+        if layer.output_bits != FLOAT_BITS:
+            tensors.add(f"{name}:output")
     total += FLOAT_BYTES * len(tensors)
     return total / 1e6
 
@@ -251,7 +265,8 @@ def format_plan_table(plan: BitPlan) -> str:
              f"{'layer':<{width}}  {'W':>2}  {'A':>2}  {'input':<{tensor_width}}  {'params':>9}  {'MMACs':>9}  criterion"]
     for name, layer in plan.layers.items():
         lines.append(f"{name:<{width}}  {_bits_text(layer.weight_bits):>2}  {_bits_text(layer.act_bits):>2}  "
-                     f"{layer.input_tensor:<{tensor_width}}  {layer.params:>9}  {layer.macs / 1e6:>9.2f}  {layer.criterion}")
+                     f"{layer.input_tensor:<{tensor_width}}  {layer.params:>9}  {layer.macs / 1e6:>9.2f}  {layer.criterion}"
+                     + (f" (output {layer.output_bits}-bit)" if layer.output_bits != FLOAT_BITS else ""))
     numbers = summary_numbers(plan)
     lines.append(f"size {numbers['size_mb']:.3f} MB deployable ({numbers['conv_weights_mb']:.3f} MB conv weights only), "
                  f"BOPs {numbers['bops_g']:.1f} G, weight bits {numbers['avg_weight_bits']:.2f} param-weighted / "

@@ -48,7 +48,10 @@ DEFAULTS: dict = {
         "ema_decay": 0.9999, "ema_tau": 500, "close_mosaic": 0,
         # distortion: HQ's k-means score, "relative" (scale-free, the deployed 2^n - 1 levels: T means the same on
         # every model) or "raw" (the paper's MSE of the raw weights; quant/hq.py)
-        "plan": {"method": "hq", "threshold": 0.1, "bit_min": 2, "bit_max": 8, "act_bits": 8, "distortion": "relative"},
+        # residual_outputs: quantize each residual branch's output as well (quant.plans.with_residual_outputs), so
+        # ONNX Runtime's integer kernels run the branch and its add (target cpu); TensorRT does not need it
+        "plan": {"method": "hq", "threshold": 0.1, "bit_min": 2, "bit_max": 8, "act_bits": 8, "distortion": "relative",
+                 "residual_outputs": False},
         "calib_batches": 8, "learn_act_scales": False,
         "distill": {"enabled": True, "switch": True, "ost_weight": 400.0, "switch_weight": 1.0, "qk_dim": 128,
                     "det_weight": 1.0, "random_open_rate": 0.5,
@@ -169,7 +172,7 @@ SCHEMA: dict = {
     "teacher": _stage_schema(),
     "ghost": _stage_schema(
         plan={"method": one_of("hq", "budget"), "threshold": NON_NEGATIVE, "bit_min": BITS, "bit_max": BITS,
-              "act_bits": BITS, "distortion": one_of("raw", "relative")},
+              "act_bits": BITS, "distortion": one_of("raw", "relative"), "residual_outputs": BOOL},
         calib_batches=COUNT, learn_act_scales=BOOL,
         distill={"enabled": BOOL, "switch": SWITCH, "ost_weight": NON_NEGATIVE, "switch_weight": NON_NEGATIVE,
                  "qk_dim": COUNT, "det_weight": NON_NEGATIVE, "random_open_rate": FRACTION, "tau": POSITIVE,

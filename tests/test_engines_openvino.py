@@ -89,6 +89,15 @@ def test_trt_form_is_built_from_the_matching_cpu_form_or_refused(exports, tmp_pa
 
     chosen = _form_for(load_target("openvino-cpu"), exports["trt"], read_metadata_props(exports["trt"]))
     assert chosen == exports["cpu"] and "matching CPU form mixed-cpu.onnx" in capsys.readouterr().out
+    # a rewritten copy of the CPU form (an ORT-optimised model keeps the metadata) sorted first, without a parity
+    # set: the export with its parity set is still the one chosen
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    for name in ("mixed-trt.onnx", "mixed-trt.parity.npz", "mixed-cpu.onnx", "mixed-cpu.parity.npz"):
+        shutil.copy(exports["trt"].parent / name, beside / name)
+    shutil.copy(exports["cpu"], beside / "a-optimised-mixed-cpu.onnx")
+    chosen = _form_for(load_target("openvino-cpu"), beside / "mixed-trt.onnx", read_metadata_props(exports["trt"]))
+    assert chosen == beside / "mixed-cpu.onnx"
     alone = tmp_path / "alone"
     alone.mkdir()
     for suffix in (".onnx", ".parity.npz"):

@@ -90,12 +90,16 @@ def export_command(checkpoint, out, fp32, int4_weights, no_simplify, opset, targ
 @click.option("--nc", type=click.IntRange(min=1), default=8, show_default=True, help="Classes.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--snap", is_flag=True, help="Snap weights and scales to power-of-two grids (bit-exact on any backend).")
+@click.option("--residual-outputs", is_flag=True,
+              help="Quantize each residual branch's output too, so ONNX Runtime runs the branch and its add in integers "
+                   "(target cpu); see docs/export.md.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (.safetensors).")
 @handle_cli_errors
-def sample_command(model, img_size, bits, nc, seed, snap, out):
+def sample_command(model, img_size, bits, nc, seed, snap, residual_outputs, out):
     """A random-weight, calibrated checkpoint of MODEL (ghost-s-vedai, ghost-s, ghost-n, ghost-p), off the grid like
     a trained one: try export, build-engine and bench on the real architecture before training."""
-    path = make_sample(model, out, img_size=img_size, bits=bits, nc=nc, seed=seed, snap=snap)
+    path = make_sample(model, out, img_size=img_size, bits=bits, nc=nc, seed=seed, snap=snap,
+                       residual_outputs=residual_outputs)
     header = read_meta(path)
     plan = header.bit_plan
     click.echo(f"{path}: {model} at {img_size} px, {nc} classes, "

@@ -18,6 +18,7 @@ from ghost_deploy.cli.options import (
 from ghost_deploy.errors import UserError, handle_cli_errors
 from ghost_deploy.pipeline import run_pipeline
 from ghost_deploy.quant.hq import choose_plan
+from ghost_deploy.quant.plans import with_residual_outputs
 from ghost_deploy.recipe import load_recipe
 from ghost_deploy.train.loop import AMP_MODES
 from ghost_deploy.train.run import run_training
@@ -93,13 +94,18 @@ def pipeline(recipe, data, out_dir, target, bench_iterations, force, no_progress
 @click.option("--size-mb", type=POSITIVE_FLOAT, default=None, help="Budget mode: model size in MB.")
 @click.option("--bops-g", type=POSITIVE_FLOAT, default=None, help="Budget mode: GBOPs.")
 @click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
+@click.option("--residual-outputs", is_flag=True,
+              help="Quantize each residual branch's output too (train with it), so ONNX Runtime runs the branch and "
+                   "its add in integers (target cpu); TensorRT does not need it. See docs/quantization.md.")
 @handle_cli_errors
-def plan_command(checkpoint, out, threshold, distortion, avg_bits, size_mb, bops_g, act_bits):
+def plan_command(checkpoint, out, threshold, distortion, avg_bits, size_mb, bops_g, act_bits, residual_outputs):
     """Choose per-layer bits for CHECKPOINT's model: HQ (default) or a size/BOPs/bits budget."""
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
     budget = {k: v for k, v in {"avg_bits": avg_bits, "size_mb": size_mb, "bops_g": bops_g}.items() if v is not None}
     plan = choose_plan(model, "budget" if budget else "hq", meta.img_size, budget=budget, act_bits=act_bits,
                        threshold=threshold if threshold is not None else 0.1, distortion=distortion)
+    if residual_outputs:
+        plan = with_residual_outputs(plan, model)
     plan.save(out)
     click.echo(plan.summary())
     click.echo(f"bit plan written to {out}")

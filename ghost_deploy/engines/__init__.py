@@ -113,10 +113,11 @@ def _form_for(profile, onnx_path: Path, metadata: dict[str, str]) -> Path:
 
 
 def _matching_cpu_form(onnx_path: Path, meta: OnnxMetadata) -> Path | None:
-    """A CPU-form export beside `onnx_path` of the same checkpoint (its sha256) and the same bit plan."""
+    """A CPU-form export beside `onnx_path` of the same checkpoint (its sha256) and the same bit plan, with its
+    parity set (a copy of the graph another tool rewrote, metadata and all, has none)."""
     if not meta.checkpoint_sha256:
         return None
-    for candidate in sorted(onnx_path.parent.glob("*.onnx")):
+    for candidate in sorted(onnx_path.parent.glob("*.onnx"), key=lambda path: (not default_parity_set_path(path).exists(), path.name)):
         props = read_metadata_props(candidate) if candidate != onnx_path else {}
         if not OnnxMetadata.is_ours(props):
             continue

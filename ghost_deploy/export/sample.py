@@ -21,6 +21,7 @@ from ghost_deploy.model import build_model
 from ghost_deploy.model.detector import INPUT_CHANNELS
 from ghost_deploy.quant import calibrate_activations, plan_from_bits, quant_layers, quantize_model
 from ghost_deploy.quant.hq import choose_plan
+from ghost_deploy.quant.plans import with_residual_outputs
 from ghost_deploy.quant.trace import conv_names, example_inputs
 from ghost_deploy.recipe import DEFAULTS
 
@@ -73,9 +74,10 @@ def measure_batchnorm(model: nn.Module, img_size: int, generator) -> None:
 
 def build_sample_model(model_name: str = "ghost-n", nc: int = 5, input_mode: str = "rgb+ir", img_size: int = 64,
                        weight_bits=(3, 8), act_bits: int = 8, seed: int = 0, float_layers=(), calib_batches: int = 2,
-                       exact_grid: bool = True):
+                       exact_grid: bool = True, residual_outputs: bool = False):
     """(quantized model, bit plan). `weight_bits`: (low, high) for a random plan, an int, {layer: bits}, or
-    None for a float teacher (plan None).
+    None for a float teacher (plan None). `residual_outputs`: quantize the residual branches' outputs too
+    (`quant.plans.with_residual_outputs`).
 
     `exact_grid` snaps the model onto power-of-two grids (see `snap_to_exact_grid`), so any two correct
     backends compute it bit for bit whatever their summation order.
@@ -96,6 +98,8 @@ def build_sample_model(model_name: str = "ghost-n", nc: int = 5, input_mode: str
     for name in float_layers:
         bits[name] = None
     plan = plan_from_bits(model, bits, act_bits=act_bits, image_size=img_size, method="edited")
+    if residual_outputs:
+        plan = with_residual_outputs(plan, model)
     # max-based scales: fast, and snapping to powers of two below still leaves some values saturating
     model = quantize_model(model, plan, example_inputs=example_inputs(model, img_size), scale_init="max")
     generator = torch.Generator().manual_seed(seed + 1)
@@ -188,7 +192,7 @@ def sample_bits(model_name: str, bits: str, img_size: int, nc: int, seed: int, t
 
 
 def make_sample(model_name: str, out, *, img_size: int = 512, bits: str = "hq", nc: int = 8, seed: int = 0,
-                snap: bool = False, threshold: float = 0.1) -> Path:
+                snap: bool = False, threshold: float = 0.1, residual_outputs: bool = False) -> Path:
     """A random-weight, calibrated checkpoint of any config, to try export, build-engine and bench on the real
     architecture before training. Off the power-of-two grid like a trained model unless `snap` (then any two
     correct backends compute it bit for bit, which hides the float32 rounding a trained model shows)."""
@@ -197,5 +201,5 @@ def make_sample(model_name: str, out, *, img_size: int = 512, bits: str = "hq", 
         raise UserError("--out", f"{out} must end in .safetensors")
     weight_bits = sample_bits(model_name, bits, img_size, nc, seed, threshold)
     model, plan = build_sample_model(model_name, nc, img_size=img_size, weight_bits=weight_bits, seed=seed,
-                                     exact_grid=snap)
+                                     exact_grid=snap, residual_outputs=residual_outputs)
     return save_sample_checkpoint(out, model_name=model_name, nc=nc, img_size=img_size, model=model, plan=plan)

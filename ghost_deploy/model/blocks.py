@@ -27,6 +27,9 @@ class Conv(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    # The conv block whose output the residual add reads (quant.plans.with_residual_outputs quantizes it).
+    branch_end = "cv2"
+
     def __init__(self, in_chs: int, out_chs: int, shortcut: bool = True, expansion: float = 1.0):
         super().__init__()
         hidden = int(out_chs * expansion)

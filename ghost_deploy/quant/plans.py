@@ -4,7 +4,9 @@ The plan itself (`ghost_deploy.bitplan.BitPlan`) is torch-free; this module is w
 """
 from __future__ import annotations
 
-from ghost_deploy.bitplan import BitPlan, LayerPlan
+import dataclasses
+
+from ghost_deploy.bitplan import FLOAT_BITS, BitPlan, LayerPlan
 from ghost_deploy.errors import UserError
 from ghost_deploy.quant.trace import conv_names, example_inputs, inputs_from_shapes, trace_convs
 
@@ -74,3 +76,31 @@ def uniform_plan(model, weight_bits: int | None = 8, act_bits: int | None = 8, i
     sites = model_sites(model, image_size, input_shapes)
     bits = {site.name: (None if site.name in float_layers else weight_bits) for site in sites}
     return plan_from_bits(model, bits, act_bits, image_size, input_shapes, method="uniform", sites=sites)
+
+
+def residual_branch_ends(model) -> dict[str, str]:
+    """{last conv of each residual branch: the conv that reads the block's input}, e.g.
+    {"model.2.m.0.cv2.conv": "model.2.m.0.cv1.conv"}: the add sums the block input and that conv block's output."""
+    ends = {}
+    for name, module in model.named_modules():
+        if getattr(module, "add", False) is True and getattr(module, "branch_end", None):
+            ends[f"{name}.{module.branch_end}.conv"] = f"{name}.cv1.conv"
+    return ends
+
+
+def with_residual_outputs(plan: BitPlan, model) -> BitPlan:
+    """The plan with an output quantizer on the last conv of every residual branch whose block input is quantized.
+
+    Its bits are the block input's (the add's other operand): both add inputs then sit on integer grids, and
+    an integer compiler runs conv, add and the next conv in integers. TensorRT does not need it (it fuses the
+    add into the conv, `export.lint` rule `residual-add`), so plans leave it off unless asked
+    (`ghost.plan.residual_outputs`, `plan --residual-outputs`). Train with it: it changes the model.
+    """
+    layers = dict(plan.layers)
+    for end, reader in residual_branch_ends(model).items():
+        if end not in layers or reader not in layers:
+            continue
+        bits = layers[reader].act_bits
+        if bits != FLOAT_BITS and layers[end].act_bits != FLOAT_BITS:
+            layers[end] = dataclasses.replace(layers[end], output_bits=bits)
+    return dataclasses.replace(plan, layers=layers)

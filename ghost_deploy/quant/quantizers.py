@@ -363,10 +363,36 @@ def quantize_model(model: nn.Module, plan, calib_batches: Iterable | None = None
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, qconv)
 
     _install_block_hooks(model, trace)
+    _install_output_quantizers(model, plan, holder)
     model.bit_plan = plan
     if calib_batches is not None:
         calibrate_activations(model, calib_batches, method=calib_method)
     return model
+
+
+def _quantize_block_output(module: nn.Module, args, output):
+    """Forward hook: the conv block's (ReLU'd) output on the plan's `output_bits` grid."""
+    return module.__dict__["output_quantizer"](output)
+
+
+def output_quantizer_key(layer: str) -> str:
+    """Key in `model.act_quantizers` of a conv block's output quantizer: the block's tensor name."""
+    return layer.rpartition(".")[0].replace(".", "_") if layer.endswith(".conv") else f"{layer.replace('.', '_')}_out"
+
+
+def _install_output_quantizers(model: nn.Module, plan, holder: nn.ModuleDict) -> None:
+    """A quantizer after the conv block of every layer with `output_bits` (the last conv of a residual branch)."""
+    for name, entry in plan.layers.items():
+        bits = _bits_or_none(entry.output_bits)
+        if bits is None:
+            continue
+        key = output_quantizer_key(name)
+        if key in holder:
+            raise UserError(plan.source, f"layer {name!r}: output quantizer {key!r} clashes with an input quantizer")
+        holder[key] = ActQuantizer(bits)
+        block = model.get_submodule(name.rpartition(".")[0]) if name.endswith(".conv") else model.get_submodule(name)
+        block.__dict__["output_quantizer"] = holder[key]
+        block.register_forward_hook(_quantize_block_output)
 
 
 def _quantizer_keys(plan, sites) -> dict[str, str]:

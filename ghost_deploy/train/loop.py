@@ -39,6 +39,7 @@ from ghost_deploy.quant import (
     quantize_model,
 )
 from ghost_deploy.quant.hq import choose_plan
+from ghost_deploy.quant.plans import with_residual_outputs
 from ghost_deploy.recipe import AMP_MODES
 from ghost_deploy.train.distill import (
     OpenRateLog,
@@ -608,6 +609,8 @@ def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
                        act_bits=plan_cfg["act_bits"],
                        budget={k: plan_cfg[k] for k in ("avg_bits", "size_mb", "bops_g") if k in plan_cfg},
                        source=recipe.get("recipe_path"), distortion=plan_cfg.get("distortion", "raw"))
+    if plan_cfg.get("residual_outputs"):
+        plan = with_residual_outputs(plan, student)
     return plan
 
 
