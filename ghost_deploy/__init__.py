@@ -1,5 +1,5 @@
 """ghost-deploy: GHOST mixed-precision detectors for RGB+IR imagery, from training to TensorRT engines."""
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 
 def build_model(name: str, nc: int = 8, input_mode: str = "rgb+ir", sr: bool = False):

@@ -156,7 +156,18 @@ def test_why_no_engine():
 
 
 def test_bundle_is_complete(model, tmp_path):
+    from ghost_deploy.engines import bundle as bundle_module
+
+    source = Path(bundle_module.__file__).resolve().parents[2]
+    def written() -> dict:
+        return {p.name: max([f.stat().st_mtime_ns for f in p.rglob("*")], default=0) for p in source.iterdir()
+                if p.name in ("build", "dist")}
+
+    before = written()
+    bundle_module._project_wheel.cache_clear()  # built here, not by an earlier test
     result = build(model, "jetson-agx-orin", tmp_path, dla_core=0, environment=NO_TRT_HERE)
+    # the wheel is built from a copy: the checkout gets no build/ or dist/ written into it
+    assert written() == before
     assert result["status"] == "bundle" and result["exit_code"] == 0 and "not installed" in result["reason"]
     bundle = Path(result["bundle_dir"])
     assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "wheels", "targets"])

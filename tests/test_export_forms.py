@@ -84,6 +84,21 @@ def test_cpu_target_is_a_lossless_reencoding_that_ort_runs_with_integer_kernels(
     assert "model.1.conv.output_code_clip" in clips
 
 
+def test_a_stem_with_a_large_output_runs_as_an_integer_conv(root):
+    """At 256 px the 4-channel stem's output holds 256x256 positions: there MLAS's integer conv beats its float one
+    (measured at 512 px), so the stem gets its output Q like any other conv and the outputs stay exact."""
+    from ghost_deploy.export.cpu_form import INTEGER_STEM_MIN_POSITIONS
+
+    assert INTEGER_STEM_MIN_POSITIONS == 256 * 256
+    checkpoint = save_sample_checkpoint(root / "large.safetensors", model_name="ghost-p", img_size=256,
+                                        weight_bits=8, seed=1, parity={"images": 1})
+    result = export_onnx(checkpoint, root / "large.cpu.onnx", target="cpu", parity_images=root / "images",
+                         progress=False)
+    assert result.passed and result.report["parity"]["exact_arithmetic"]["bit_identical"]
+    cpu = result.report["cpu_form"]
+    assert "model.0.conv" in cpu["integer_convs"] and cpu["float_stem_convs"] == []
+
+
 def test_code_ranges_prove_only_what_is_certain():
     from onnx import helper
 

@@ -7,6 +7,7 @@ Also holds the parity check shared by the engine build and the bundle: parity se
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shlex
@@ -133,9 +134,18 @@ def _project_wheel() -> Path | None:
     source = Path(__file__).resolve().parents[2]
     if not (source / "pyproject.toml").is_file():
         return None
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and the user's
+    # checkout is not ours to write. The folder goes when the process ends.
     folder = Path(tempfile.mkdtemp(prefix="ghost-deploy-wheel-"))
+    atexit.register(shutil.rmtree, folder, True)
+    tree = folder / "source"
+    shutil.copytree(source / "ghost_deploy", tree / "ghost_deploy",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, tree / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(folder), str(source)], capture_output=True, text=True)
+                            "-w", str(folder), str(tree)], capture_output=True, text=True)
     wheels = sorted(folder.glob("ghost_deploy-*.whl"))
     return wheels[0] if built.returncode == 0 and wheels else None
 

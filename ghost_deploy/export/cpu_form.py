@@ -36,10 +36,15 @@ from ghost_deploy.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, node_attri
 # clamping are monotone): Q(op(x)) == op(Q(x)) for one shared scale. Nearest Resize is checked separately.
 _COMMUTING = ("Concat", "MaxPool", "Identity")
 
-# A conv reading fewer channels than this stays in float. MLAS's integer conv has nothing for a stem conv on
-# a 4-channel RGB+IR image, while its float NCHWc path has a kernel for exactly that: measured with ORT on the
-# 2-core dev machine (ghost-p, 128 px), model.0 took 405 us as QLinearConv and 185 us as a float Conv.
+# A conv reading fewer channels than this stays in float on small outputs. MLAS's float NCHWc path has a kernel
+# for a stem conv on a 4-channel RGB+IR image: measured with ORT on the 2-core dev machine (ghost-p, 128 px
+# input, 128x128 output), model.0 took 405 us as QLinearConv and 185 us as a float Conv, and the demo's CPU
+# form ran 1.146x vs 1.032x ORT FP32 with an integer vs a float stem. On large outputs the integer conv wins:
+# ghost-s-vedai at 512 px (512x512 output), the whole CPU form ran 0.425x ORT FP32 with an integer stem vs
+# 0.439x with a float one (interleaved, 1 thread; docs/results.md 0.5.0). The crossover lies between those two
+# measured sizes; it is put at 256x256 output positions.
 MIN_INTEGER_CONV_CHANNELS = 8
+INTEGER_STEM_MIN_POSITIONS = 256 * 256
 
 
 @dataclass
@@ -186,6 +191,7 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     rewire: dict[str, str] = {}  # old dequantized tensor -> new one
     insertions: list[tuple[str, list[onnx.NodeProto]]] = []  # (tensor after whose producer, nodes)
 
+    output_positions = _spatial_positions(model, {n.output[0] for n in graph.node if n.op_type == "Conv"})
     pairs = _activation_pairs(index)
     by_source: dict[str, list[ActPair]] = {}
     for pair in pairs.values():
@@ -202,7 +208,8 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     for conv in [n for n in graph.node if _is_quantized_conv(index, n)]:
         tensor, after_relu = _conv_output(index, conv)
         terminals = _terminals(index, tensor, by_source)
-        if after_relu and index.constant(index.producer[conv.input[1]].input[0]).shape[1] < MIN_INTEGER_CONV_CHANNELS:
+        if after_relu and index.constant(index.producer[conv.input[1]].input[0]).shape[1] < MIN_INTEGER_CONV_CHANNELS \
+                and output_positions.get(conv.output[0], 0) < INTEGER_STEM_MIN_POSITIONS:
             # A u8 zero-point 128 after its ReLU keeps the ReLU, so no Q follows the conv and ORT cannot fuse it
             # into QLinearConv. Its weights keep their per-channel DequantizeLinear: ORT (1.20+) re-quantizes
             # float weights per tensor in front of a Q, which would change the model.
@@ -249,6 +256,17 @@ def to_cpu_form(model: onnx.ModelProto) -> CpuFormSummary:
     _drop_unused_initializers(model)
     del model.graph.value_info[:]  # types of re-encoded tensors changed (s8 -> u8); shape inference redoes them
     return summary
+
+
+def _spatial_positions(model: onnx.ModelProto, tensors: set[str]) -> dict[str, int]:
+    """H * W of each named 4-D tensor whose shape inference knows it (the batch may be symbolic)."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    positions = {}
+    for info in inferred.graph.value_info:
+        dims = info.type.tensor_type.shape.dim
+        if info.name in tensors and len(dims) == 4 and dims[2].dim_value and dims[3].dim_value:
+            positions[info.name] = dims[2].dim_value * dims[3].dim_value
+    return positions
 
 
 def _position(graph: onnx.GraphProto, output: str) -> int:
