@@ -192,3 +192,15 @@ def test_the_stem_pattern_that_decides_the_pairing(tmp_path):
     unsigned = _stem_pattern(tmp_path / "uint8.onnx", TensorProto.UINT8)
     assert unsigned["cosine"] > 0.99999
     assert signed["cosine"] < 0.99, signed
+
+
+def test_a_checkpoint_the_onnx_was_not_exported_from_is_refused(exports, tmp_path):
+    """The receipt ties the engine to its checkpoint: --checkpoint must be the one the export stamped."""
+    root = exports["root"]
+    with pytest.raises(UserError, match="--checkpoint.*teacher.safetensors is not the checkpoint mixed-trt.onnx"):
+        build(exports["trt"], "jetson-agx-orin", tmp_path / "wrong", checkpoint=root / "teacher.safetensors",
+              environment={"tensorrt_version": None}, progress=False)
+    assert not (tmp_path / "wrong").exists()
+    result = build(exports["trt"], "jetson-agx-orin", tmp_path / "right", checkpoint=root / "mixed.safetensors",
+                   environment={"tensorrt_version": None}, progress=False)
+    assert result["status"] == "bundle"

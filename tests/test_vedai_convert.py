@@ -112,3 +112,14 @@ def test_object_free_images_get_an_empty_label_file(tmp_path):
     assert (out / "00000005.txt").read_text().strip()
     bad = CliRunner().invoke(data_group, ["convert-vedai", str(annotations), str(out), "--images", str(tmp_path / "no")])
     assert bad.exit_code == 2 and "image folder not found" in bad.output
+
+
+def test_an_empty_annotation_file_with_no_ids_is_refused(tmp_path):
+    annotations = tmp_path / "annotation.txt"
+    annotations.write_text("\n\n")
+    with pytest.raises(UserError, match="no annotations and no image ids"):
+        convert_vedai(annotations, tmp_path / "labels")
+    assert not (tmp_path / "labels").exists()
+    # with ids (fold lists, the image folder) an empty file is valid: every image is object-free
+    stats = convert_vedai(annotations, tmp_path / "labels", ids=["1"])
+    assert stats["images"] == 1 and (tmp_path / "labels" / "00000001.txt").read_text() == ""

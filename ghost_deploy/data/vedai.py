@@ -41,6 +41,9 @@ def convert_vedai(
         raise UserError(None, f"--image-size must be a positive number, got {image_size!r}")
     objects = read_annotations(annotation_file)
     wanted = sorted(objects) if ids is None else sorted({_pad_id(annotation_file, value) for value in ids})
+    if not wanted:
+        raise UserError(annotation_file, "no annotations and no image ids to write labels for (an empty file? pass "
+                                         "the fold lists or the image folder to label object-free images)")
     out_dir = Path(out_labels_dir)
     make_folder(out_dir)
     stats = {

@@ -260,6 +260,11 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     stamped = metadata.get(metadata_key("checkpoint_sha256"))
     if hashes["checkpoint"] is None and stamped:
         hashes["checkpoint"] = stamped
+    elif hashes["checkpoint"] is not None and stamped and hashes["checkpoint"] != stamped:
+        # the receipt would tie the engine to a checkpoint it was not exported from
+        raise UserError("--checkpoint", f"{checkpoint} is not the checkpoint {onnx_path.name} was exported from "
+                                        "(its sha256 differs from the one the export stamped); leave --checkpoint out "
+                                        "or pass that one")
     hashes["engine"] = None
     name = name or f"{onnx_path.stem}-{profile.name}"
     if profile.runtime == "openvino":

@@ -99,9 +99,15 @@ class EpochSampler(torch.utils.data.Sampler):
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError("--device", f"{device!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError("--device", f"{device!r}: training runs on cpu or cuda (cuda:N), not {parsed.type}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device", f"{device} requested but CUDA is not available on this machine")
-    return torch.device(device)
+    return parsed
 
 
 @dataclass
@@ -470,6 +476,7 @@ def train_teacher(recipe: dict, out_dir, data: str | None = None, device: str | 
     init_from: a checkpoint whose detector weights start the run (fine-tuning a teacher for as many epochs as
     GHOST trains, the control that tells extra epochs from distillation)."""
     out_dir = Path(out_dir)
+    resolve_device(device)  # a bad --device is refused before the run folder exists
     if rank == 0:
         prepare_run_folder(out_dir, resume, overwrite)
     bundle = load_data(recipe, data, strict=strict)
@@ -614,16 +621,23 @@ def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
     return plan
 
 
+def _check_teacher(header, path) -> None:
+    """GHOST starts from an FP32 teacher: a quantized checkpoint has quantizer tensors no float model can take."""
+    if header.bit_plan is not None or header.stage not in (None, "teacher"):
+        raise UserError(path, f"not an FP32 teacher (a {header.stage or 'quantized'} checkpoint with a bit plan): "
+                              "pass the teacher checkpoint of --stage teacher (RUN/teacher/weights/best.safetensors)")
+
+
 def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bit_plan_path=None, device: str | None = None,
                 resume: bool = False, progress: bool = True, strict: bool = False, epochs: int | None = None,
                 rank: int = 0, world_size: int = 1, log=print, distill: bool | None = None,
                 overwrite: bool = False) -> dict:
     """GHOST: student initialised from the teacher, quantized with the bit plan, trained with GQSD + OST/SCM."""
     out_dir = Path(out_dir)
-    if rank == 0:
-        prepare_run_folder(out_dir, resume, overwrite)
+    resolve_device(device)  # a bad --device is refused before the run folder exists
 
     teacher, teacher_meta = model_from_checkpoint(teacher_path, with_sr=False)
+    _check_teacher(teacher_meta, teacher_path)
     student_init = teacher.detector_state_dict()
     # The frozen teacher runs in eval mode, where folding BN into the convs is exact: one op fewer per layer.
     teacher = fold_bn(teacher).eval()
@@ -631,6 +645,11 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
         param.requires_grad_(False)
     recipe = {**recipe, "model": teacher_meta.model, "input_mode": teacher_meta.input_mode}
     bundle = load_data(recipe, data or teacher_meta.data, strict=strict, with_hr=False)
+    if bundle.spec.nc != teacher_meta.nc:
+        raise UserError(teacher_path, f"the teacher has {teacher_meta.nc} classes, the dataset {bundle.data_yaml} has "
+                                      f"{bundle.spec.nc}: train a teacher on this dataset first (--stage teacher)")
+    if rank == 0:  # after every check of the inputs: a refused run leaves no folder
+        prepare_run_folder(out_dir, resume, overwrite)
     seed_everything(recipe["seed"])
     student = build_model(teacher_meta.model, nc=teacher_meta.nc, input_mode=teacher_meta.input_mode)
     student.load_state_dict(student_init)

@@ -1,0 +1,74 @@
+"""Cases from the held-out bad-input catalogue (issue 15) that failed against 0.4.0: each now one line, exit 2."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from test_bad_input import assert_user_error  # the one-line, exit-2 contract
+
+from ghost_deploy.cli import main
+from ghost_deploy.errors import DEBUG
+from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
+from ghost_deploy.quant import uniform_plan
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def cli(*args):
+    try:
+        return CliRunner().invoke(main, [str(arg) for arg in args])
+    finally:
+        DEBUG["on"] = False
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heldout")
+    teacher = save_sample_checkpoint(root / "teacher.safetensors", model_name="ghost-p", nc=5, img_size=64,
+                                     weight_bits=None)
+    quantized = save_sample_checkpoint(root / "ghost.safetensors", model_name="ghost-p", nc=5, img_size=64,
+                                       weight_bits=6)
+    other_classes = save_sample_checkpoint(root / "teacher-nc3.safetensors", model_name="ghost-p", nc=3,
+                                           img_size=64, weight_bits=None)
+    ghost_n, _ = build_sample_model("ghost-n", 5, img_size=64, weight_bits=None)
+    uniform_plan(ghost_n, 6, 8, image_size=64).save(root / "plan-ghost-n.json")
+    return {"root": root, "teacher": teacher, "quantized": quantized, "nc3": other_classes,
+            "plan_n": root / "plan-ghost-n.json"}
+
+
+@pytest.mark.parametrize("stage", ["teacher", "ghost"])
+def test_a_device_that_is_not_one_is_refused_before_the_run_folder(checkpoints, tmp_path, stage):
+    extra = ["--teacher", checkpoints["teacher"]] if stage == "ghost" else []
+    result = cli("train", "--stage", stage, *extra, "--device", "tpu", "--epochs", "1", "--out", tmp_path / "run")
+    assert_user_error(result, "--device", "'tpu' is not a device")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_quantized_checkpoint_is_not_a_teacher(checkpoints, tmp_path):
+    result = cli("train", "--stage", "ghost", "--teacher", checkpoints["quantized"], "--epochs", "1",
+                 "--out", tmp_path / "run")
+    assert_user_error(result, checkpoints["quantized"], "not an FP32 teacher")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_of_other_classes_is_refused_before_the_run_folder(checkpoints, tmp_path):
+    # the embedded set has 5 classes
+    result = cli("train", "--stage", "ghost", "--teacher", checkpoints["nc3"], "--epochs", "1",
+                 "--out", tmp_path / "run")
+    assert_user_error(result, checkpoints["nc3"], "the teacher has 3 classes", "has 5")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bit_plan_of_another_model_is_refused_though_its_layer_names_match(checkpoints, tmp_path):
+    result = cli("train", "--stage", "ghost", "--teacher", checkpoints["teacher"], "--bit-plan", checkpoints["plan_n"],
+                 "--epochs", "1", "--out", tmp_path / "run")
+    assert_user_error(result, checkpoints["plan_n"], "this bit plan is for ghost-n, the model is ghost-p")
+
+
+@pytest.mark.parametrize("args,where,fragment", [
+    (["ghost-p", "--img-size", "50"], "--img-size", "must be a multiple of 16"),
+    (["ghost-q", "--img-size", "64"], "MODEL", "unknown model 'ghost-q'"),
+])
+def test_sample_checks_its_model_and_size_first(tmp_path, args, where, fragment):
+    result = cli("sample", *args, "--out", tmp_path / "s.safetensors")
+    assert_user_error(result, where, fragment)
+    assert not list(tmp_path.iterdir())
