@@ -236,7 +236,11 @@ def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
 
 def load_recipe(name_or_path: str | os.PathLike = "demo") -> dict:
     path = resolve_recipe_path(name_or_path)
-    raw = read_user_yaml(path, "recipe") or {}
+    raw = read_user_yaml(path, "recipe")
+    if raw is None:
+        # an empty file would silently train the full-size defaults (100 teacher epochs at 512 px), nothing asked for
+        raise UserError(path, "empty recipe: give at least `name:` and what differs from the defaults "
+                              "(training/demo.yaml is an example)")
     if not isinstance(raw, dict):
         raise UserError(path, "a recipe must be a YAML mapping")
     unknown = set(raw) - set(DEFAULTS)

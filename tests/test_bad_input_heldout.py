@@ -72,3 +72,12 @@ def test_sample_checks_its_model_and_size_first(tmp_path, args, where, fragment)
     result = cli("sample", *args, "--out", tmp_path / "s.safetensors")
     assert_user_error(result, where, fragment)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n"])
+def test_an_empty_recipe_is_refused_not_trained_on_defaults(tmp_path, text):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    result = cli("train", "--stage", "teacher", "--recipe", recipe, "--epochs", "1", "--out", tmp_path / "run")
+    assert_user_error(result, recipe, "empty recipe")
+    assert not (tmp_path / "run").exists()
