@@ -17,7 +17,7 @@ from ghost_deploy import __version__
 from ghost_deploy.checkpoint import save_checkpoint
 from ghost_deploy.contract import CheckpointHeader
 from ghost_deploy.errors import UserError
-from ghost_deploy.model import build_model
+from ghost_deploy.model import CONFIGS, build_model
 from ghost_deploy.model.detector import INPUT_CHANNELS
 from ghost_deploy.quant import calibrate_activations, plan_from_bits, quant_layers, quantize_model
 from ghost_deploy.quant.hq import choose_plan
@@ -195,6 +195,11 @@ def make_sample(model_name: str, out, *, img_size: int = 512, bits: str = "hq", 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError("--out", f"{out} must end in .safetensors")
+    if model_name not in CONFIGS:
+        raise UserError("MODEL", f"unknown model {model_name!r} (known: {', '.join(CONFIGS)})")
+    stride = CONFIGS[model_name].max_stride
+    if img_size % stride:
+        raise UserError("--img-size", f"{img_size} must be a multiple of {stride} (the deepest stride of {model_name})")
     weight_bits = sample_bits(model_name, bits, img_size, nc, seed, threshold)
     model, plan = build_sample_model(model_name, nc, img_size=img_size, weight_bits=weight_bits, seed=seed,
                                      exact_grid=snap)
