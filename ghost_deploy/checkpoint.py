@@ -7,6 +7,7 @@ never unpickles anything: a legacy `.pt` file is refused unless it loads with
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save as save_tensors
 from ghost_deploy.contract import CHECKPOINT_FORMAT, CheckpointHeader
 from ghost_deploy.errors import UserError
 from ghost_deploy.io import atomic_path
-from ghost_deploy.model import build_model
+from ghost_deploy.model import CONFIGS, INPUT_MODES, build_model
 from ghost_deploy.quant.quantizers import quantize_model
 
 
@@ -104,7 +105,60 @@ def _parse_meta(path: Path, metadata: dict) -> CheckpointHeader:
         meta = json.loads(metadata["ghost"])
     except json.JSONDecodeError as error:
         raise UserError(path, f"checkpoint metadata is not valid JSON ({error})") from None
-    return CheckpointHeader.from_dict(meta, source=path)
+    header = CheckpointHeader.from_dict(meta, source=path)
+    _check_header(path, header)
+    return header
+
+
+def _check_header(path: Path, header: CheckpointHeader) -> None:
+    """What the model is rebuilt from, checked before it is: a bad entry is one line naming the checkpoint and the
+    key (not a shape error deep in the model, or a TypeError in the export)."""
+    what = "checkpoint metadata"
+    if header.model not in CONFIGS:
+        raise UserError(path, f"{what} 'model': unknown model {header.model!r} (known: {', '.join(CONFIGS)})")
+    if header.input_mode not in INPUT_MODES:
+        raise UserError(path, f"{what} 'input_mode': must be one of {', '.join(INPUT_MODES)}, "
+                              f"got {header.input_mode!r}")
+    expected = list(INPUT_MODES[header.input_mode])
+    if header.input_names and list(header.input_names) != expected:
+        raise UserError(path, f"{what} 'input_names' {header.input_names} do not fit input_mode {header.input_mode} "
+                              f"(inputs {expected})")
+    stride = CONFIGS[header.model].max_stride
+    size = header.img_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < stride or size % stride:
+        raise UserError(path, f"{what} 'img_size': must be a positive multiple of {stride} (the deepest stride of "
+                              f"{header.model}), got {size!r}")
+    for key, kinds in (("sr", (bool,)), ("version", (str, type(None))), ("stage", (str, type(None))),
+                       ("data", (str, type(None)))):
+        if not isinstance(getattr(header, key), kinds):
+            names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in kinds)
+            raise UserError(path, f"{what} {key!r} must be {names}, got {type(getattr(header, key)).__name__}")
+
+
+def _check_geometry(path, header: CheckpointHeader, model) -> CheckpointHeader:
+    """The header's strides and anchors are the rebuilt model's (decoding the ONNX uses them); a header that
+    records none gets the model's."""
+    actual = {"strides": model.detect.stride.tolist(), "anchors_pixels": model.detect.anchors_pixels.tolist()}
+    for key, value in actual.items():
+        recorded = getattr(header, key)
+        if not recorded:
+            header = dataclasses.replace(header, **{key: value})
+        elif not _close(recorded, value):
+            raise UserError(path, f"checkpoint metadata {key!r} {_short(recorded)} does not match the model's "
+                                  f"{_short(value)}")
+    return header
+
+
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _close(recorded, value) -> bool:
+    if isinstance(value, list):
+        return isinstance(recorded, list) and len(recorded) == len(value) and all(map(_close, recorded, value))
+    number = isinstance(recorded, (int, float)) and not isinstance(recorded, bool)
+    return number and abs(recorded - value) <= 1e-6 * max(1.0, abs(value))
 
 
 def _load_legacy(path: Path) -> Checkpoint:
@@ -148,6 +202,7 @@ def model_from_checkpoint(path, with_sr: bool = True) -> tuple[torch.nn.Module, 
     if meta.bit_plan is not None:
         model = quantize_model(model, meta.bit_plan, scale_init="max")  # scales are overwritten by the checkpoint's
     load_model_state(model, state, path)
+    meta = _check_geometry(path, meta, model)
     if has_sr and not with_sr:
         model.sr = None
     return model.eval(), meta

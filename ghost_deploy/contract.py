@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from ghost_deploy.bitplan import BitPlan
@@ -132,6 +133,22 @@ class CheckpointHeader:
     @property
     def quantized(self) -> bool:
         return self.bit_plan is not None
+
+    def dataset(self, checkpoint, option: str = "--data YAML") -> str | None:
+        """The dataset YAML the checkpoint was trained on, when it records one (None otherwise).
+
+        Training records the path made absolute; older checkpoints hold it as typed, relative to the folder training
+        ran in. A recorded path that leads to no file from here is one line naming the checkpoint, the dataset and
+        `option`, the way to name the dataset instead.
+        """
+        if not self.data or self.data == "embedded":
+            return None
+        if Path(self.data).is_file():
+            return self.data
+        relative = not Path(self.data).is_absolute()
+        where = ("a path relative to the folder training ran in, not found from here" if relative
+                 else "not there any more")
+        raise UserError(checkpoint, f"was trained on the dataset {self.data}, {where}: pass {option}")
 
 
 # ------------------------------------------------------------------------------------ ONNX metadata

@@ -59,6 +59,24 @@ def make_folder(folder: str | os.PathLike, destination: str | os.PathLike | None
         raise UserError(folder if destination is None else destination, f"cannot write here: {reason}") from None
 
 
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Make `folder` before the work that fills it, so a destination that cannot take it is refused before the work
+    rather than after it; if the block fails, the folders made here are removed again (when still empty)."""
+    folder = Path(folder)
+    made = [path for path in (folder, *folder.parents) if not (path.exists() or path.is_symlink())]
+    make_folder(folder)
+    try:
+        yield folder
+    except BaseException:
+        for path in made:  # the leaf first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def make_parent_folder(destination: str | os.PathLike) -> None:
     """Create the folder `destination` goes in (errors name `destination`)."""
     make_folder(Path(destination).parent, destination)

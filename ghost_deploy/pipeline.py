@@ -16,8 +16,8 @@ from ghost_deploy.engines.openvino import openvino_version
 from ghost_deploy.engines.targets import resolve_target
 from ghost_deploy.errors import ParityError, UserError
 from ghost_deploy.export import export_onnx
-from ghost_deploy.io import sha256_file, write_json_atomic
-from ghost_deploy.train.loop import train_ghost, train_teacher
+from ghost_deploy.io import make_folder, read_user_json, sha256_file, write_json_atomic
+from ghost_deploy.train.loop import dataset_spec, train_ghost, train_teacher
 
 # ---------------------------------------------------------------------------------------- the pipeline
 STAGES = ("teacher", "ghost", "export", "engine", "bench")
@@ -47,12 +47,24 @@ def _fingerprint(*parts) -> str:
 
 
 class _StageLedger:
-    """`pipeline.json` in the run folder: each stage's input fingerprint and outputs, to skip unchanged work."""
+    """`pipeline.json` in the run folder: each stage's input fingerprint and outputs, to skip unchanged work.
 
-    def __init__(self, run: Path):
+    Its presence says the folder is the pipeline's own (written empty before the first stage runs), so the stage
+    folders in it may be replaced; one that is not a ledger is refused unless `force` (every stage runs again).
+    """
 
+    def __init__(self, run: Path, force: bool = False):
         self.path = run / "pipeline.json"
-        self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+        try:
+            self.entries = _read_ledger(self.path) if self.path.is_file() else {}
+        except UserError:
+            if not force:
+                raise
+            self.entries = {}
+
+    def start(self) -> None:
+        """Mark the folder as the pipeline's (the ledger as it stands, `{}` on a first run)."""
+        write_json_atomic(self.path, self.entries)
 
     def fresh(self, stage: str, fingerprint: str) -> dict | None:
         entry = self.entries.get(stage)
@@ -70,6 +82,46 @@ class _StageLedger:
         return self.entries[stage]
 
 
+def _read_ledger(path: Path) -> dict:
+    entries = read_user_json(path, "pipeline ledger")
+    entry_ok = (lambda entry: isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str)
+                and isinstance(entry.get("outputs"), list) and isinstance(entry.get("summary"), dict))
+    if not isinstance(entries, dict) or not all(stage in STAGES and entry_ok(entry)
+                                                for stage, entry in entries.items()):
+        raise UserError(path, "not a pipeline ledger (stage -> fingerprint, outputs, summary): --force runs every "
+                              "stage again and replaces it, or choose another --out")
+    return entries
+
+
+def _foreign_runs(run: Path) -> list[Path]:
+    """Stage outputs in `run` that no ledger claims: a `train --out` run, a manual export, a bench."""
+    outputs = [run / stage / name for stage in ("teacher", "ghost")
+               for name in ("weights/best.safetensors", "weights/last.safetensors", "train_state.safetensors",
+                            "results.csv")]
+    outputs += [*sorted((run / "export").glob("*.onnx")), run / "bench" / "bench.json"]
+    return [path for path in outputs if path.exists()]
+
+
+def check_start(recipe: dict, run: Path, target: str, data, force: bool, bench_iterations: int) -> _StageLedger:
+    """Everything the pipeline can refuse, refused before the first epoch: the target, the bench iterations, the
+    dataset (read, modalities checked), the run folder (a file, unwritable, a ledger that is not one, someone else's
+    run). Returns the ledger, the run folder made and marked as the pipeline's."""
+    if resolve_target(target).runtime != "tensorrt":
+        raise UserError("--target", f"the pipeline's engine target is a TensorRT device; {target} is built from the "
+                        "CPU form anyway when OpenVINO is installed")
+    if isinstance(bench_iterations, bool) or not isinstance(bench_iterations, int) or bench_iterations < 1:
+        raise UserError("--bench-iterations", f"{bench_iterations!r} must be an integer >= 1")
+    dataset_spec(recipe, data)
+    make_folder(run)  # a file in the way, or a place nothing can be written, is one line naming the folder
+    ledger = _StageLedger(run, force)
+    foreign = [] if force or ledger.path.is_file() else _foreign_runs(run)
+    if foreign:
+        raise UserError(run, f"holds a run the pipeline did not make ({foreign[0].relative_to(run)}): --force "
+                             "replaces it, or choose another --out")
+    ledger.start()
+    return ledger
+
+
 def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data=None, force: bool = False,
                  bench_iterations: int = 50, progress: bool = True, log=print) -> dict:
     """train (teacher, GHOST) -> export (QDQ, INT4-weight, CPU form, FP32) -> build-engine -> bench, in `run`.
@@ -77,12 +129,8 @@ def run_pipeline(recipe: dict, run: Path, target: str = "jetson-orin-nano", data
     Each stage reads the previous stage's artifacts; a stage whose inputs did not change since the last
     run (same recipe, code version and input file hashes) is skipped. Returns the summary it prints.
     """
-    if resolve_target(target).runtime != "tensorrt":  # checked before any training, not after it
-        raise UserError("--target", f"the pipeline's engine target is a TensorRT device; {target} is built from the "
-                        "CPU form anyway when OpenVINO is installed")
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    ledger = _StageLedger(run)
+    ledger = check_start(recipe, run, target, data, force, bench_iterations)  # before any training, not after it
     timings, verdicts = {}, {}
 
     def stage(name, fingerprint, work):
@@ -177,8 +225,8 @@ def _engine_stage(out: Path, trt_form: str, cpu_form: str, checkpoint: str, targ
 def _bench_stage(run: Path, checkpoint: str, iterations: int, progress: bool, log):
 
     # mAP on the val split of the dataset the checkpoint was trained on (recorded in the checkpoint)
-    result = run_bench(artifacts_from_run(run), run / "bench", data=read_meta(checkpoint).data, iterations=iterations,
-                       progress=progress, log=log)
+    result = run_bench(artifacts_from_run(run), run / "bench", data=read_meta(checkpoint).dataset(checkpoint),
+                       iterations=iterations, progress=progress, log=log)
     rows = {}
     for backend in result.get("backends", []):
         batch1 = next((row for row in backend.get("latency") or [] if row["batch"] == 1 and "infer" in row), None)

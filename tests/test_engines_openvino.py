@@ -197,7 +197,7 @@ def test_the_stem_pattern_that_decides_the_pairing(tmp_path):
 def test_a_checkpoint_the_onnx_was_not_exported_from_is_refused(exports, tmp_path):
     """The receipt ties the engine to its checkpoint: --checkpoint must be the one the export stamped."""
     root = exports["root"]
-    with pytest.raises(UserError, match="--checkpoint.*teacher.safetensors is not the checkpoint mixed-trt.onnx"):
+    with pytest.raises(UserError, match="teacher.safetensors: is not the checkpoint mixed-trt.onnx was exported from"):
         build(exports["trt"], "jetson-agx-orin", tmp_path / "wrong", checkpoint=root / "teacher.safetensors",
               environment={"tensorrt_version": None}, progress=False)
     assert not (tmp_path / "wrong").exists()

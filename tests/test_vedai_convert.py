@@ -117,7 +117,7 @@ def test_object_free_images_get_an_empty_label_file(tmp_path):
 def test_an_empty_annotation_file_with_no_ids_is_refused(tmp_path):
     annotations = tmp_path / "annotation.txt"
     annotations.write_text("\n\n")
-    with pytest.raises(UserError, match="no annotations and no image ids"):
+    with pytest.raises(UserError, match="no annotation line: nothing to convert"):
         convert_vedai(annotations, tmp_path / "labels")
     assert not (tmp_path / "labels").exists()
     # with ids (fold lists, the image folder) an empty file is valid: every image is object-free

@@ -43,6 +43,7 @@ from ghost_deploy.checkpoint import read_meta
 from ghost_deploy.contract import OnnxMetadata
 from ghost_deploy.errors import UserError
 from ghost_deploy.export.metadata import load_our_onnx
+from ghost_deploy.io import output_folder
 from ghost_deploy.onnx_graph import read_metadata_props
 
 FORMAT = "ghost-deploy/bench/v1"
@@ -77,7 +78,7 @@ def artifacts_from_run(run_dir: str | os.PathLike) -> dict[str, list[str]]:
     """What a pipeline run folder holds: teacher/ghost best checkpoints, export/*.onnx, engine/*.engine."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise UserError(run, "run folder not found")
+        raise UserError(run, "is a file, not a run folder" if run.exists() else "run folder not found")
     checkpoints = [str(path) for path in (run / "teacher/weights/best.safetensors", run / "ghost/weights/best.safetensors")
                    if path.is_file()]
     onnx = [str(path) for path in sorted((run / "export").glob("*.onnx"))
@@ -99,9 +100,11 @@ def resolve_head_spec(artifacts: dict[str, list[str]]) -> HeadSpec:
         spec = head_spec_from_onnx(path)
         if spec is not None:
             return spec
-    first = next(iter(artifacts["onnx"] + artifacts["engines"]), None)
-    raise UserError(first, "not a ghost-deploy export (no ghost.* metadata), so its classes, strides and anchors are "
-                    "unknown: pass the checkpoint it was exported from (--checkpoint)")
+    if artifacts["onnx"]:
+        raise UserError(artifacts["onnx"][0], "not a ghost-deploy export (no ghost.* metadata), so its classes, "
+                        "strides and anchors are unknown: pass the checkpoint it was exported from (--checkpoint)")
+    raise UserError(artifacts["engines"][0], "an engine does not record the model's classes, strides and anchors: "
+                    "pass the checkpoint (--checkpoint) or the exported ONNX (--onnx) it was built from")
 
 
 def check_onnx_files(paths: Sequence[str]) -> None:
@@ -110,6 +113,8 @@ def check_onnx_files(paths: Sequence[str]) -> None:
     A plain ONNX (no ghost.format) is allowed: bench times it, decoding with the checkpoint's parameters.
     """
     for path in paths:
+        if Path(path).is_dir():
+            raise UserError(path, "is a folder, expected an .onnx file")
         if not Path(path).is_file():
             raise UserError(path, "ONNX file not found")
         if OnnxMetadata.is_ours(read_metadata_props(path)):
@@ -385,10 +390,20 @@ def run_bench(artifacts: dict, out_dir: str | os.PathLike, data: str | os.PathLi
     policy = warmup or WarmupPolicy()
     artifacts = normalise_artifacts(artifacts)
     check_onnx_files(artifacts["onnx"])
+    for path in artifacts["engines"]:
+        if not Path(path).is_file():
+            raise UserError(path, "is a folder, expected an engine file" if Path(path).is_dir()
+                            else "engine file not found")
     spec = resolve_head_spec(artifacts)
     _check_agreement(spec, artifacts)
     threads = threads or _default_threads()
+    with output_folder(out_dir):  # an --out that cannot take the report is refused before the timing
+        return _run_and_write(artifacts, Path(out_dir), spec, data, accuracy, batch_sizes, iterations, split,
+                              max_images, progress, threads, device, policy, power_seconds, plots, log)
 
+
+def _run_and_write(artifacts, out_dir: Path, spec, data, accuracy, batch_sizes, iterations, split, max_images,
+                   progress, threads, device, policy, power_seconds, plots, log) -> dict:
     board = jetson.board_state()
     files = artifact_sizes(artifacts)
     bit_plan = _bit_plan_summary(artifacts)
@@ -427,5 +442,5 @@ def run_bench(artifacts: dict, out_dir: str | os.PathLike, data: str | os.PathLi
         "notes": notes + list((bit_plan or {}).get("notes", [])),
     }
 
-    paths = write_reports(result, Path(out_dir), plots=plots)
+    paths = write_reports(result, out_dir, plots=plots)
     return {**result, "outputs": {key: str(path) for key, path in paths.items()}}

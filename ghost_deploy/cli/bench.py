@@ -12,18 +12,34 @@ from ghost_deploy.bench.report import format_summary
 from ghost_deploy.bench.run import artifacts_from_run, normalise_artifacts, run_bench
 from ghost_deploy.bench.timing import WarmupPolicy
 from ghost_deploy.checkpoint import read_meta
-from ghost_deploy.cli.options import NON_NEGATIVE_FLOAT, device_option, threads_option
+from ghost_deploy.cli.options import (
+    COUNT,
+    FOLDER,
+    NON_NEGATIVE_FLOAT,
+    device_option,
+    refuse_overwriting_inputs,
+    threads_option,
+)
 from ghost_deploy.errors import EXIT_PARITY, UserError, handle_cli_errors
 
 DEFAULT_RUN = Path("runs") / "demo"
 
 
 def _default_data(artifacts: dict) -> str | None:
-    """The dataset the first checkpoint was trained on, when its YAML is still there."""
+    """The dataset the first checkpoint was trained on. One that records a dataset not found from here (an old
+    checkpoint's relative path, a deleted set) is one line naming both, unless another checkpoint's is found: mAP is
+    never silently left out."""
+    missing = None
     for path in artifacts.get("checkpoints", []):
-        data = read_meta(path).data
-        if data and Path(data).is_file():
+        try:
+            data = read_meta(path).dataset(path, "--data YAML, or --no-accuracy to time without mAP")
+        except UserError as error:
+            missing = missing or error
+            continue
+        if data:
             return str(data)
+    if missing is not None:
+        raise missing
     return None
 
 
@@ -46,17 +62,17 @@ def _gate(old_path: str, old: dict, new: dict, max_regression: float, max_map_dr
 @click.option("--data", default=None, help="Dataset YAML for mAP (default: the checkpoint's dataset if present).")
 @click.option("--no-accuracy", is_flag=True, help="Skip mAP even when a dataset is known (--data still gives the frames timed).")
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
-@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Score only the first N images of the split.")
-@click.option("--batch", "batch_sizes", multiple=True, type=click.IntRange(min=1), default=(1,), show_default=True,
+@click.option("--max-images", type=COUNT, default=None, help="Score only the first N images of the split.")
+@click.option("--batch", "batch_sizes", multiple=True, type=COUNT, default=(1,), show_default=True,
               help="Batch size to time. Repeatable (e.g. --batch 1 --batch 4).")
-@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per backend and batch size.")
+@click.option("--iterations", type=COUNT, default=100, show_default=True, help="Timed runs per backend and batch size.")
 @click.option("--warmup-cv", type=NON_NEGATIVE_FLOAT, default=0.10, show_default=True,
               help="Warm-up ends when the coefficient of variation of the last 10 runs is at most this.")
-@click.option("--warmup-max", type=click.IntRange(min=1), default=300, show_default=True,
+@click.option("--warmup-max", type=COUNT, default=300, show_default=True,
               help="Most warm-up runs per backend and batch size (also capped at 20 s).")
 @threads_option
 @device_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (default RUN/bench or runs/bench).")
+@click.option("--out", "out_dir", type=FOLDER, default=None, help="Output folder (default RUN/bench or runs/bench).")
 @click.option("--compare", "compare_to", type=click.Path(), default=None, help="Older bench.json: print deltas, exit 1 past the thresholds.")
 @click.option("--against", type=click.Path(), default=None, help="With --compare: compare this saved bench.json instead of running.")
 @click.option("--max-regression", type=NON_NEGATIVE_FLOAT, default=0.10, show_default=True,
@@ -101,6 +117,8 @@ def bench_command(run_dir, checkpoint, onnx, engine, data, no_accuracy, split, m
     if data is None and not no_accuracy:
         data = _default_data(artifacts)  # with --no-accuracy and no --data: synthetic frames, nothing to score
     out = Path(out_dir) if out_dir else (Path(run_dir) / "bench" if run_dir else Path("runs") / "bench")
+    for written in ("bench.json", "report.md"):
+        refuse_overwriting_inputs("--out", out / written, {"baseline given as --compare": compare_to})
     result = run_bench(artifacts, out, data=data, batch_sizes=batch_sizes, iterations=iterations, split=split,
                        max_images=max_images, progress=not no_progress, threads=threads, device=device,
                        warmup=WarmupPolicy(cv_target=warmup_cv, max_iterations=warmup_max,

@@ -4,7 +4,14 @@ from __future__ import annotations
 import click
 
 from ghost_deploy.checkpoint import model_from_checkpoint
-from ghost_deploy.cli.options import COUNT, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT
+from ghost_deploy.cli.options import (
+    COUNT,
+    FILE,
+    FOLDER,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    refuse_overwriting_inputs,
+)
 from ghost_deploy.data.calib import DEFAULT_BRIGHTNESS_BINS, EMBEDDED, calib_batches, load_calib_set, make_calib_set
 from ghost_deploy.data.dataset import Dataset
 from ghost_deploy.errors import handle_cli_errors
@@ -26,7 +33,7 @@ def calib_group() -> None:
 @click.option("--name", default=None,
               help="Set name (default <dataset>-<split>-<n>); the file is <out-dir>/<name>.yaml.")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
-@click.option("--out-dir", type=click.Path(file_okay=False), default="calib", show_default=True)
+@click.option("--out-dir", type=FOLDER, default="calib", show_default=True)
 @click.option("--brightness-bins", type=COUNT, default=DEFAULT_BRIGHTNESS_BINS, show_default=True,
               help="Brightness bins per modality (at the split's quantiles).")
 @click.option("--force", is_flag=True, help="Replace an existing manifest of that name with different content.")
@@ -49,10 +56,13 @@ def make_command(data, count, split, name, seed, out_dir, brightness_bins, force
 @click.option("--split", default=None, help="Split to compare with (default: the one the set was drawn from).")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
 @click.option("--low", type=NON_NEGATIVE_FLOAT, default=0.9, show_default=True, help="Flag tensors covered below this.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers here.")
+@click.option("--json", "json_out", type=FILE, default=None, help="Also write the numbers here.")
 @handle_cli_errors
 def coverage_command(weights, manifest, split, batch_size, low, json_out):
     """Per activation tensor: max|x| on the set over max|x| on the whole split (1.0 = the set reaches it)."""
+    if json_out:
+        refuse_overwriting_inputs("--json", json_out, {"checkpoint given as --weights": weights,
+                                                       "manifest given as --calib": manifest})
     model, meta = model_from_checkpoint(weights, with_sr=False)
     calib_set = load_calib_set(manifest)
     img_size = int(meta.img_size)

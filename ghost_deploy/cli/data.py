@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ghost_deploy.cli.options import COUNT, NON_NEGATIVE_INT
+from ghost_deploy.cli.options import COUNT, FILE, FOLDER, NON_NEGATIVE_INT
 from ghost_deploy.data import convert_vedai, ensure_synthetic_dataset
 from ghost_deploy.data.vedai import known_image_ids
 from ghost_deploy.errors import handle_cli_errors
@@ -16,11 +16,11 @@ def data_group() -> None:
 
 @data_group.command("convert-vedai")
 @click.argument("annotation_file", type=click.Path())
-@click.argument("labels_dir", type=click.Path(file_okay=False))
+@click.argument("labels_dir", type=FOLDER)
 @click.option("--image-size", type=COUNT, default=1024, show_default=True, help="Pixel size the annotation coordinates refer to.")
-@click.option("--ids", "id_lists", type=click.Path(dir_okay=False), multiple=True,
+@click.option("--ids", "id_lists", type=FILE, multiple=True,
               help="A fold list (e.g. fold01.txt) whose ids all get a label file; repeatable.")
-@click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--images", "images_dir", type=FOLDER, default=None,
               help="The image folder: every <id>_co.png in it gets a label file.")
 @handle_cli_errors
 def convert_vedai_command(annotation_file, labels_dir, image_size, id_lists, images_dir):
@@ -37,7 +37,7 @@ def convert_vedai_command(annotation_file, labels_dir, image_size, id_lists, ima
 
 
 @data_group.command("synth")
-@click.option("--root", type=click.Path(file_okay=False), default=None, help="Where to write (default: the cache folder).")
+@click.option("--root", type=FOLDER, default=None, help="Where to write (default: the cache folder).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @handle_cli_errors
 def synth_command(root, seed):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ghost_deploy.cli.options import FOLDER, NON_NEGATIVE_INT, BoundedInt
 from ghost_deploy.engines import build, verify_runtime
 from ghost_deploy.errors import EXIT_USER, UserError, handle_cli_errors
 
@@ -18,12 +19,13 @@ from ghost_deploy.errors import EXIT_USER, UserError, handle_cli_errors
               help="QDQ ONNX from `export` (default: the newest in runs/demo/export).")
 @click.option("--target", default="jetson", show_default=True,
               help="Target profile in engines/targets (jetson = the board we run on, else jetson-agx-orin).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (default: beside the ONNX, engine/).")
+@click.option("--out", "out_dir", type=FOLDER, default=None, help="Output folder (default: beside the ONNX, engine/).")
 @click.option("--parity-set", type=click.Path(), default=None, help="Parity set .npz (default: the one export saved beside the ONNX).")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint the ONNX came from (hashed into the receipt).")
-@click.option("--dla-core", type=int, multiple=True, help="Also build for this DLA core (parity-checked separately).")
+@click.option("--dla-core", type=NON_NEGATIVE_INT, multiple=True,
+              help="Also build for this DLA core (parity-checked separately).")
 @click.option("--timing-cache", type=click.Path(), default=None, help="TensorRT timing cache file (read and updated; created when missing, in an existing folder).")
-@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimisation level.")
+@click.option("--opt-level", type=BoundedInt(0, 5), default=3, show_default=True, help="Builder optimisation level.")
 @click.option("--strongly-typed", is_flag=True, help="TensorRT 10.x: build strongly typed (11.x always is).")
 @click.option("--require-engine", is_flag=True, help="Exit 1 when no engine can be built here (instead of writing a bundle).")
 @click.option("--verify", "verify_engine", type=click.Path(), default=None,

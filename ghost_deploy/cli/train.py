@@ -8,12 +8,16 @@ import click
 from ghost_deploy.checkpoint import model_from_checkpoint
 from ghost_deploy.cli.options import (
     COUNT,
+    FILE,
+    FOLDER,
     NON_NEGATIVE_FLOAT,
     POSITIVE_FLOAT,
+    BoundedInt,
     device_option,
     echo_log,
     no_progress_option,
     recipe_option,
+    refuse_overwriting_inputs,
 )
 from ghost_deploy.errors import UserError, handle_cli_errors
 from ghost_deploy.pipeline import run_pipeline
@@ -29,7 +33,7 @@ from ghost_deploy.train.run import run_training
               help="teacher: FP32 only; ghost: HQ + QAT from --teacher; all: both.")
 @recipe_option
 @click.option("--data", type=click.Path(), default=None, help="Dataset YAML (default: the recipe's, else the embedded demo set).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe>).")
+@click.option("--out", "out_dir", type=FOLDER, default=None, help="Run folder (default runs/<recipe>).")
 @click.option("--teacher", type=click.Path(), default=None, help="FP32 teacher checkpoint for --stage ghost.")
 @click.option("--bit-plan", type=click.Path(), default=None, help="Use this (edited) bit plan JSON instead of HQ.")
 @click.option("--epochs", type=COUNT, default=None, help="Override the recipe's epochs for every stage run.")
@@ -65,10 +69,11 @@ def train(stage, recipe, data, out_dir, teacher, bit_plan, epochs, device, amp, 
 @click.command()
 @recipe_option
 @click.option("--data", type=click.Path(), default=None, help="Dataset YAML (default: the recipe's; demo: the embedded set).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe>).")
+@click.option("--out", "out_dir", type=FOLDER, default=None, help="Run folder (default runs/<recipe>).")
 @click.option("--target", default="jetson-orin-nano", show_default=True, help="Engine target profile (engines/targets).")
-@click.option("--bench-iterations", type=click.IntRange(min=1), default=50, show_default=True, help="Timed iterations per backend.")
-@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs did not change.")
+@click.option("--bench-iterations", type=COUNT, default=50, show_default=True, help="Timed iterations per backend.")
+@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs did not change (and replace a run "
+                                            "in --out the pipeline did not make).")
 @no_progress_option
 @handle_cli_errors
 def pipeline(recipe, data, out_dir, target, bench_iterations, force, no_progress):
@@ -85,7 +90,7 @@ def pipeline(recipe, data, out_dir, target, bench_iterations, force, no_progress
 
 @click.command("plan")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Bit plan JSON to write (edit it, then train --bit-plan).")
+@click.option("--out", type=FILE, required=True, help="Bit plan JSON to write (edit it, then train --bit-plan).")
 @click.option("--threshold", type=NON_NEGATIVE_FLOAT, default=None, help="HQ k-means threshold T (paper: 0.1).")
 @click.option("--distortion", type=click.Choice(["relative", "raw"]), default="relative", show_default=True,
               help="HQ's score: relative (scale-free, the deployed 2^n-1 levels; T alike on every model) or raw "
@@ -93,13 +98,14 @@ def pipeline(recipe, data, out_dir, target, bench_iterations, force, no_progress
 @click.option("--avg-bits", type=POSITIVE_FLOAT, default=None, help="Budget mode: average weight bits.")
 @click.option("--size-mb", type=POSITIVE_FLOAT, default=None, help="Budget mode: model size in MB.")
 @click.option("--bops-g", type=POSITIVE_FLOAT, default=None, help="Budget mode: GBOPs.")
-@click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
+@click.option("--act-bits", type=BoundedInt(2, 8), default=8, show_default=True)
 @click.option("--residual-outputs", is_flag=True,
               help="Quantize each residual branch's output too (train with it), so ONNX Runtime runs the branch and "
                    "its add in integers (target cpu); TensorRT does not need it. See docs/quantization.md.")
 @handle_cli_errors
 def plan_command(checkpoint, out, threshold, distortion, avg_bits, size_mb, bops_g, act_bits, residual_outputs):
     """Choose per-layer bits for CHECKPOINT's model: HQ (default) or a size/BOPs/bits budget."""
+    refuse_overwriting_inputs("--out", out, {"checkpoint the plan is made for": checkpoint})
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
     budget = {k: v for k, v in {"avg_bits": avg_bits, "size_mb": size_mb, "bops_g": bops_g}.items() if v is not None}
     plan = choose_plan(model, "budget" if budget else "hq", meta.img_size, budget=budget, act_bits=act_bits,

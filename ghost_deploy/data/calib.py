@@ -87,7 +87,7 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
     if isinstance(brightness_bins, bool) or not isinstance(brightness_bins, int) or brightness_bins < 1:
         raise UserError("--brightness-bins", f"must be a positive integer, got {brightness_bins!r}")
     data_key = EMBEDDED if str(data_yaml) == EMBEDDED else str(Path(data_yaml).absolute())
-    spec = load_dataset_yaml(_resolve_data(data_key))
+    spec = load_dataset_yaml(_resolve_data(str(data_yaml)))  # messages name the dataset as the user typed it
     from ghost_deploy.data.dataset import Dataset  # PyTorch's Dataset: deferred so reading a manifest stays torch-free
 
     dataset = Dataset(spec, split, 64, augment=False)  # img_size is unused: only the index is read
@@ -95,6 +95,10 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
     name = name or f"{_dataset_name(data_key, spec)}-{split}-{n}"
     if not _NAME.match(name):
         raise UserError("--name", f"{name!r}: use letters, digits, '.', '_' and '-' (it becomes a file name)")
+    out = Path(out_dir) / f"{name}.yaml"
+    if (out.exists() or out.is_symlink()) and not _is_manifest(out):  # e.g. the dataset's own data.yaml
+        raise UserError(out, "exists and is not a calibration set manifest: it is never replaced (not even with "
+                             "--force); choose another --name or --out-dir")
 
     class_images = _class_images(samples, spec.nc)
     strata_class = [_rarest_class(sample.labels, class_images) for sample in samples]
@@ -109,7 +113,6 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
     manifest = _manifest(spec, data_key, dataset, samples, chosen, cells, brightness, edges, n, seed, name, split,
                          brightness_bins, class_images)
     text = _dump(manifest)
-    out = Path(out_dir) / f"{name}.yaml"
     if out.exists() and not force:
         if _same_set(out, manifest):
             return out  # the very same set (perhaps written by another version): keep the file and its hash
@@ -117,6 +120,16 @@ def make_calib_set(data_yaml, n: int = 256, split: str = "train", name: str | No
     write_text_atomic(out, text)
     out.chmod(0o666 & ~_umask())  # a manifest is meant to be shared and committed, unlike a temp file's 0600
     return out
+
+
+def _is_manifest(path: Path) -> bool:
+    """Whether `path` is a calibration set manifest (`format: ghost-deploy/calib-set/...`), the only file
+    `make_calib_set` replaces."""
+    try:
+        existing = read_user_yaml(path, "calibration set manifest")  # bounded: whatever file a user left there
+    except UserError:
+        return False
+    return isinstance(existing, dict) and existing.get("format") == FORMAT
 
 
 def _same_set(path: Path, manifest: dict) -> bool:

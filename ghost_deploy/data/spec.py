@@ -150,6 +150,6 @@ def _path_value(yaml_path: Path, key: str, value, bases: list[Path], must_exist:
         if candidate.exists():
             return candidate
     if must_exist:
-        tried = " or ".join(str(candidate) for candidate in candidates)
+        tried = " or ".join(dict.fromkeys(str(candidate) for candidate in candidates))  # the root may be the base
         raise UserError(yaml_path, f"key {key!r}: {tried} does not exist")
     return candidates[0]

@@ -11,6 +11,7 @@ Motorcycles, buses and planes have no GHOST class: they are dropped and counted,
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,16 @@ def convert_vedai(
     """
     annotation_file = Path(annotation_file)
     if isinstance(image_size, bool) or not isinstance(image_size, (int, float)) or image_size <= 0:
-        raise UserError(None, f"--image-size must be a positive number, got {image_size!r}")
+        raise UserError("--image-size", f"must be a positive number, got {image_size!r}")
+    named = re.fullmatch(r"annotation(\d+)\.txt", annotation_file.name)
+    if named and int(named[1]) != image_size:  # VEDAI ships annotation512.txt and annotation1024.txt
+        raise UserError("--image-size", f"{image_size:g}, but {annotation_file.name} holds coordinates of "
+                                        f"{named[1]} px images: pass --image-size {named[1]}")
     objects = read_annotations(annotation_file)
+    if not objects and ids is None:
+        raise UserError(annotation_file, "no annotation line: nothing to convert (images without objects get "
+                                         "empty label files through --ids or --images)")
     wanted = sorted(objects) if ids is None else sorted({_pad_id(annotation_file, value) for value in ids})
-    if not wanted:
-        raise UserError(annotation_file, "no annotations and no image ids to write labels for (an empty file? pass "
-                                         "the fold lists or the image folder to label object-free images)")
     out_dir = Path(out_labels_dir)
     make_folder(out_dir)
     stats = {

@@ -29,7 +29,7 @@ from ghost_deploy.engines.receipt import (
 from ghost_deploy.engines.targets import list_targets, load_target, resolve_target
 from ghost_deploy.engines.trt import EngineRunner, build_engine
 from ghost_deploy.errors import ParityError, UserError
-from ghost_deploy.io import sha256_file
+from ghost_deploy.io import make_folder, sha256_file
 from ghost_deploy.onnx_graph import check_binding, load_onnx, metadata_props, read_metadata_props
 from ghost_deploy.parity.compare import Budgets
 from ghost_deploy.parity.gate import run_parity
@@ -219,6 +219,18 @@ def _build_and_verify(onnx_path, out_dir, name, profile, parity_set, hashes, bit
             "warnings": receipt.build["plan_mapping"]["warnings"]}
 
 
+def _check_checkpoint(checkpoint, sha256: str | None, stamped: str | None, onnx_path: Path) -> None:
+    """--checkpoint (hashed into the receipt) exists, and is the one the ONNX was exported from where it says."""
+    if checkpoint is None:
+        return
+    if sha256 is None:
+        raise UserError(checkpoint, "is a folder, expected a .safetensors checkpoint" if Path(checkpoint).is_dir()
+                        else "no such checkpoint")
+    if stamped and sha256 != stamped:
+        raise UserError(checkpoint, f"is not the checkpoint {onnx_path.name} was exported from (its sha256 differs "
+                                    "from the one the export recorded): pass that one, or none")
+
+
 def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=None, timing_cache=None,
           parity_set=None, checkpoint=None, batch=None, opt_level: int = 3, strongly_typed: bool = False,
           trt_world: int | None = None, budgets: dict | None = None, name: str | None = None,
@@ -232,7 +244,8 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
-        raise UserError(onnx_path, "ONNX file not found")
+        raise UserError(onnx_path, "is a folder, expected an .onnx file" if onnx_path.is_dir()
+                        else "ONNX file not found")
     model = load_onnx(onnx_path)  # read once: metadata, pairing and input checks all look at it
     metadata = metadata_props(model)
     if require_export and not metadata.get(EXPORT_FORMAT_KEY):
@@ -258,24 +271,20 @@ def build(onnx_path, target, out_dir, *, require_engine: bool = False, dla_core=
     bit_plan = read_bit_plan(onnx_path, metadata)
     hashes = file_hashes(checkpoint=checkpoint, onnx=onnx_path, parity_set=parity_path)
     stamped = metadata.get(metadata_key("checkpoint_sha256"))
+    _check_checkpoint(checkpoint, hashes["checkpoint"], stamped, onnx_path)
     if hashes["checkpoint"] is None and stamped:
         hashes["checkpoint"] = stamped
-    elif hashes["checkpoint"] is not None and stamped and hashes["checkpoint"] != stamped:
-        # the receipt would tie the engine to a checkpoint it was not exported from
-        raise UserError("--checkpoint", f"{checkpoint} is not the checkpoint {onnx_path.name} was exported from "
-                                        "(its sha256 differs from the one the export stamped); leave --checkpoint out "
-                                        "or pass that one")
     hashes["engine"] = None
     name = name or f"{onnx_path.stem}-{profile.name}"
     if profile.runtime == "openvino":
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(out_dir)
         engine = _build_openvino(onnx_path, out_dir, name, profile, loaded, hashes, bit_plan, budget)
         return {"status": "engine", "engines": [engine], "exit_code": 0}
     env = observe_environment() if environment is None else environment
     reason = why_no_engine(profile, env)
 
     if reason is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(out_dir)
         engines = [_build_and_verify(onnx_path, out_dir, name, profile, loaded, hashes, bit_plan, env,
                                      dla_core=core, timing_cache=timing_cache, opt_level=opt_level, batch=batch,
                                      strongly_typed=strongly_typed, trt_world=trt_world, budgets=budget,

@@ -24,7 +24,7 @@ from ghost_deploy import __version__
 from ghost_deploy.contract import Receipt
 from ghost_deploy.engines.targets import targets_dir
 from ghost_deploy.errors import UserError
-from ghost_deploy.io import atomic_path, read_user_json, sha256_file, write_json_atomic, write_text_atomic
+from ghost_deploy.io import atomic_path, make_folder, read_user_json, sha256_file, write_json_atomic, write_text_atomic
 from ghost_deploy.parity.compare import Budgets, ParityReport
 from ghost_deploy.parity.gate import run_parity
 from ghost_deploy.parity.parityset import load_parity_set
@@ -177,7 +177,7 @@ def write_bundle(onnx_path, parity_set_path, profile, out_dir, *, reason: str, t
     onnx_path, parity_set_path, out_dir = Path(onnx_path), Path(parity_set_path), Path(out_dir)
     name = name or f"{onnx_path.stem}-{profile.name}"
     final = out_dir / f"{name}.bundle"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.bundle.", dir=out_dir))
     try:
         shutil.copyfile(onnx_path, staging / BUNDLE_ONNX)

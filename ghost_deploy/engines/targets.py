@@ -9,9 +9,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ghost_deploy.errors import UserError
+from ghost_deploy.io import read_user_yaml
 
 TARGETS_DIR_ENV = "GHOST_DEPLOY_TARGETS_DIR"
 DEFAULT_JETSON = "jetson-agx-orin"
@@ -97,10 +96,7 @@ def list_targets() -> list[str]:
 
 
 def _parse_profile(path: Path) -> TargetProfile:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(path, f"cannot read target profile ({exc})") from None
+    data = read_user_yaml(path, "target profile")  # bounded, and a YAML error is one line
     if not isinstance(data, dict):
         raise UserError(path, "target profile must be a YAML mapping")
     if data.get("kind") not in KINDS:

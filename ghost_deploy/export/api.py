@@ -45,6 +45,7 @@ from ghost_deploy.parity.inputs import (
     budgets_from_recipe,
     parity_arithmetic as recipe_arithmetic,
     parity_image_count,
+    parity_source,
     resolve_parity_inputs,
 )
 from ghost_deploy.parity.parityset import ParitySet, save_parity_set
@@ -91,7 +92,7 @@ def sidecar_paths(out_path: Path) -> dict[str, Path]:
             "report": out_path.with_name(f"{stem}.export.json")}
 
 
-def _check_options(target, opset, fp32, int4_weights) -> int:
+def check_options(target, opset, fp32, int4_weights) -> int:
     if target not in TARGETS:
         raise UserError("--target", f"must be one of {', '.join(TARGETS)}, got {target!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -140,6 +141,7 @@ class BuiltExport:
     acts: dict
     reference: object  # the PyTorch model the parity reference runs
     header: CheckpointHeader
+    checkpoint_path: Path
     input_names: list[str]
     output_names: list[str]
     heads: list[str]
@@ -250,13 +252,15 @@ def export_onnx(checkpoint_path, out_path, *, fp32: bool = False, int4_weights: 
 def build_export(checkpoint_path: Path, options: ExportOptions, log) -> BuiltExport:
     """Checkpoint -> QDQ (or FP32) graph: torch export, opset upgrade, simplify, INT4 weights, CPU form."""
     started = time.perf_counter()
-    final_opset = _check_options(options.target, options.opset, options.fp32, options.int4_weights)
+    final_opset = check_options(options.target, options.opset, options.fp32, options.int4_weights)
     if options.parity_arithmetic not in (None, "float32", "exact"):
         raise UserError("--parity-arithmetic", f"must be float32 or exact, got {options.parity_arithmetic!r}")
     checkpoint_sha = sha256_file(checkpoint_path) if checkpoint_path.is_file() else None
     model, header = model_from_checkpoint(checkpoint_path, with_sr=False)
     if not options.fp32 and not header.quantized:
         raise UserError(checkpoint_path, "checkpoint has no bit plan (an FP32 model): export it with --fp32 (fp32=True from Python)")
+    if options.parity:  # a missing parity source is refused now, not after the graph is built
+        parity_source(header, checkpoint_path, options.parity_images, options.data)
     img_size = int(header.img_size)
     input_names = list(header.input_names or model.input_names)
     heads = torch_graph.head_names(header.strides)
@@ -277,9 +281,9 @@ def build_export(checkpoint_path: Path, options: ExportOptions, log) -> BuiltExp
     if options.target == "cpu" and not options.fp32:
         trt_form = copy.deepcopy(graph)
         cpu_summary = to_cpu_form(graph)
-    return BuiltExport(_check_graph(graph), trt_form, convs, acts, reference, header, input_names, output_names,
-                       heads, img_size, final_opset, checkpoint_sha, int4_layers, cpu_summary, counts, simplify_note,
-                       timings)
+    return BuiltExport(_check_graph(graph), trt_form, convs, acts, reference, header, checkpoint_path, input_names,
+                       output_names, heads, img_size, final_opset, checkpoint_sha, int4_layers, cpu_summary, counts,
+                       simplify_note, timings)
 
 
 def check_graph(built: BuiltExport, options: ExportOptions) -> GraphChecks:
@@ -314,8 +318,8 @@ def run_export_gate(built: BuiltExport, checks: GraphChecks, options: ExportOpti
     parity_recipe = header.recipe if options.parity_config is None else {"parity": options.parity_config}
     budgets = budgets_from_recipe(parity_recipe)
     count = options.parity_count or parity_image_count(parity_recipe)
-    parity_inputs = resolve_parity_inputs(header, built.img_size, count,
-                                          options.parity_images, options.data)
+    parity_inputs = resolve_parity_inputs(header, built.img_size, count, options.parity_images, options.data,
+                                          checkpoint=built.checkpoint_path)
     lap = _Laps(built.timings)
     parity_set = _reference_parity_set(built, options.decode, parity_inputs, budgets, checks.output_scales)
     lap("parity_reference_s")

@@ -203,7 +203,7 @@ def make_sample(model_name: str, out, *, img_size: int = 512, bits: str = "hq", 
         raise UserError("MODEL", f"unknown model {model_name!r} (known: {', '.join(CONFIGS)})")
     stride = CONFIGS[model_name].max_stride
     if img_size % stride:
-        raise UserError("--img-size", f"must be a multiple of {stride} (the deepest stride of {model_name}), got {img_size}")
+        raise UserError("--img-size", f"{img_size} must be a multiple of {stride} (the deepest stride of {model_name})")
     weight_bits = sample_bits(model_name, bits, img_size, nc, seed, threshold)
     model, plan = build_sample_model(model_name, nc, img_size=img_size, weight_bits=weight_bits, seed=seed,
                                      exact_grid=snap, residual_outputs=residual_outputs)

@@ -132,18 +132,41 @@ def images_from_dataset(data_yaml: str | os.PathLike, input_names, img_size: int
                         sha256=hashes, source=f"{data_yaml} [val]")
 
 
-def resolve_parity_inputs(meta: dict, img_size: int, count: int, parity_images=None, data=None) -> ParityInputs:
-    """Folder when given; else the val split of `data`, the checkpoint's dataset, or the embedded demo set."""
-    input_names = list(meta.input_names)
+def parity_source(meta, checkpoint=None, parity_images=None, data=None) -> tuple[str, str | os.PathLike]:
+    """Where the parity images come from, checked to exist (export asks before it builds the graph): ("manifest",
+    path), ("folder", path) or ("dataset", yaml) from --parity-images, --data, the checkpoint's dataset, the recipe's,
+    or the embedded demo set. A dataset the checkpoint records but that is not found is one line naming the checkpoint.
+    """
     if parity_images is not None and Path(parity_images).suffix in (".yaml", ".yml"):
-        return parity_inputs_from_manifest(parity_images, input_names, img_size, count)
+        if not Path(parity_images).is_file():
+            raise UserError(parity_images, "calibration set manifest not found (--parity-images)")
+        return "manifest", parity_images
     if parity_images is not None:
-        return images_from_folder(parity_images, input_names, img_size, count)
-    source = data or meta.data or (meta.recipe or {}).get("data") or "embedded"
-    if source == "embedded":
-        source = ensure_synthetic_dataset(seed=0)
-    elif not Path(source).is_file():
+        if not Path(parity_images).is_dir():
+            raise UserError(parity_images, "is a file, not a folder of images (nor a calibration manifest .yaml)"
+                            if Path(parity_images).exists() else "parity images folder not found")
+        return "folder", parity_images
+    if data is not None:
+        if not Path(data).is_file():
+            raise UserError(data, "dataset YAML for the parity images not found (--data)")
+        return "dataset", data
+    source = meta.dataset(checkpoint, "--data YAML or --parity-images DIR") or (meta.recipe or {}).get("data")
+    if source in (None, "embedded"):
+        return "dataset", ensure_synthetic_dataset(seed=0)
+    if not Path(source).is_file():
         raise UserError(source, "dataset YAML for the parity images not found; pass --data YAML or --parity-images DIR")
+    return "dataset", source
+
+
+def resolve_parity_inputs(meta, img_size: int, count: int, parity_images=None, data=None,
+                          checkpoint=None) -> ParityInputs:
+    """The parity inputs from `parity_source`: a folder, a calibration manifest, or the val split of a dataset."""
+    input_names = list(meta.input_names)
+    kind, source = parity_source(meta, checkpoint, parity_images, data)
+    if kind == "manifest":
+        return parity_inputs_from_manifest(source, input_names, img_size, count)
+    if kind == "folder":
+        return images_from_folder(source, input_names, img_size, count)
     return images_from_dataset(source, input_names, img_size, count)
 
 

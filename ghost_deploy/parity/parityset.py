@@ -120,7 +120,9 @@ def load_parity_set(path: str | os.PathLike) -> ParitySet:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(path, f"not a readable parity set .npz ({exc})") from None
+        # NumPy reads a file that is no .npz as a pickle and then advises allow_pickle: never the way here
+        reason = "not a NumPy .npz archive" if "pickle" in str(exc) else str(exc)
+        raise UserError(path, f"not a readable parity set .npz ({reason})") from None
     if META_KEY not in arrays:
         raise UserError(path, "parity set has no 'meta' entry")
     raw_meta = arrays.pop(META_KEY)

@@ -27,6 +27,12 @@ def check_plan_against_model(plan: BitPlan, model) -> None:
     for name in names:
         if name not in plan.layers:
             raise UserError(plan.source, f"layer {name!r} is missing from the plan")
+    for name in names:  # a plan made for another model of the same layout (ghost-n for ghost-p): its sizes would lie
+        recorded, actual = plan.layers[name].out_channels, model.get_submodule(name).out_channels
+        if recorded and recorded != actual:  # (a hand-written layer entry records none)
+            made_for = f" ({plan.model_name})" if plan.model_name else ""
+            raise UserError(plan.source, f"layer {name!r} has {recorded} output channels in the plan, {actual} in this "
+                                         f"model: the plan was made for another model{made_for} or class count")
 
 
 # --- building plans from a model ---

@@ -30,7 +30,7 @@ ROWS = (
 def score_checkpoint(path, recipe: dict, split: str = "test", data: str | None = None) -> dict:
     """mAP on `split` of `data` (default: the dataset the checkpoint trained on), average bits, size and BOPs."""
     model, meta = model_from_checkpoint(path, with_sr=False)
-    spec = load_dataset_yaml(data or meta.data)
+    spec = load_dataset_yaml(data or meta.dataset(path))
     loader = make_loader(Dataset(spec, split, meta.img_size, augment=False), 16, False, 0)
     metrics = evaluate_model(model, loader, meta.nc, recipe["eval"]["conf_thres"], recipe["eval"]["iou_thres"])
     plan = meta.bit_plan or uniform_plan(model, weight_bits=32, act_bits=32, image_size=meta.img_size)
@@ -66,7 +66,8 @@ def run_ablation(recipe: dict, out: Path, teacher: str | None = None, epochs: in
 
 def ptq_rows(recipe: dict, out: Path, teacher: str, ghost_checkpoint: str, split: str, log=print) -> list[dict]:
     """The post-training baselines from the same teacher: INT8 PTQ, and PTQ at the GHOST run's bit plan."""
-    manifest = make_calib_set(read_meta(teacher).data, 256, split="train", out_dir=out / "calib", force=True)
+    manifest = make_calib_set(read_meta(teacher).dataset(teacher), 256, split="train", out_dir=out / "calib",
+                              force=True)
     rows = []
     for name, plan in (("PTQ INT8 (MSE calibration)", None), ("PTQ at the GHOST plan", ghost_checkpoint)):
         tag = "ptq-int8" if plan is None else "ptq-ghost-plan"

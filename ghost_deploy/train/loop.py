@@ -29,6 +29,7 @@ from ghost_deploy.data import ensure_synthetic_dataset, load_dataset_yaml
 from ghost_deploy.data.dataset import Dataset, collate
 from ghost_deploy.errors import UserError
 from ghost_deploy.eval.val import batch_inputs, evaluate_model
+from ghost_deploy.io import make_folder
 from ghost_deploy.model import build_model
 from ghost_deploy.quant import (
     BitPlan,
@@ -118,8 +119,9 @@ class DataBundle:
     data_yaml: str
 
 
-def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: bool | None = None) -> DataBundle:
-    """The dataset named by `data` (a YAML path), else by the recipe; `embedded` builds the demo set."""
+def dataset_spec(recipe: dict, data: str | None) -> tuple[str, object]:
+    """(YAML path, DatasetSpec) of the dataset named by `data`, else by the recipe (`embedded`: the demo set, built
+    when missing), its modalities checked against the recipe's input mode. Reads no image."""
     source = data or recipe.get("data") or "embedded"
     data_yaml = str(ensure_synthetic_dataset(seed=0) if source == "embedded" else source)
     spec = load_dataset_yaml(data_yaml)
@@ -127,6 +129,12 @@ def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: boo
     needed = {"rgb+ir": {"rgb", "ir"}, "rgb": {"rgb"}, "ir": {"ir"}}[recipe["input_mode"]]
     if not needed <= modalities:
         raise UserError(data_yaml, f"input mode {recipe['input_mode']} needs modalities {sorted(needed)}, dataset has {sorted(modalities)}")
+    return data_yaml, spec
+
+
+def load_data(recipe: dict, data: str | None, strict: bool = False, with_hr: bool | None = None) -> DataBundle:
+    """The dataset named by `data` (a YAML path), else by the recipe; `embedded` builds the demo set."""
+    data_yaml, spec = dataset_spec(recipe, data)
     hr = recipe.get("sr", False) if with_hr is None else with_hr
     train = Dataset(spec, "train", recipe["img_size"], augment=True, hyp=recipe["hyp"], strict=strict, with_hr=hr,
                     cache=recipe.get("cache"))
@@ -415,6 +423,9 @@ def _restore_state(path, model, ema, optimizer, scheduler, stage):
 
 # ------------------------------------------------------------------------------------------ stages
 def checkpoint_meta(recipe: dict, spec, stage: str, data_yaml: str, model, bit_plan=None, **extra) -> CheckpointHeader:
+    """The header of a trained checkpoint. The dataset is recorded absolute (messages keep the path as typed): the
+    checkpoint is exported, benchmarked or distilled from any folder."""
+    data_yaml = None if data_yaml is None else str(Path(data_yaml).absolute())
     return CheckpointHeader(
         version=__version__, stage=stage, model=recipe["model"], nc=spec.nc, names=list(spec.names),
         input_mode=recipe["input_mode"], input_names=list(model.input_names), img_size=recipe["img_size"],
@@ -496,7 +507,7 @@ def train_teacher(recipe: dict, out_dir, data: str | None = None, device: str | 
     stage = StageSpec("teacher", model, recipe["teacher"], meta=checkpoint_meta(recipe, bundle.spec, "teacher", bundle.data_yaml, model),
                       step_fn=_teacher_step(loss_fn, recipe["hyp"]["sr_weight"], model.input_names),
                       train_module=TeacherForward(model))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)  # a file in the way, or a place nothing can be written: one line naming it
     result = fit(stage, recipe, bundle, out_dir, dev, resume=resume, progress=progress, epochs=epochs, rank=rank,
                  world_size=world_size, log=log)
     result["skipped"] = _skipped(bundle)
@@ -621,13 +632,6 @@ def make_bit_plan(student, recipe: dict, bit_plan_path=None, log=print):
     return plan
 
 
-def _check_teacher(header, path) -> None:
-    """GHOST starts from an FP32 teacher: a quantized checkpoint has quantizer tensors no float model can take."""
-    if header.bit_plan is not None or header.stage not in (None, "teacher"):
-        raise UserError(path, f"not an FP32 teacher (a {header.stage or 'quantized'} checkpoint with a bit plan): "
-                              "pass the teacher checkpoint of --stage teacher (RUN/teacher/weights/best.safetensors)")
-
-
 def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bit_plan_path=None, device: str | None = None,
                 resume: bool = False, progress: bool = True, strict: bool = False, epochs: int | None = None,
                 rank: int = 0, world_size: int = 1, log=print, distill: bool | None = None,
@@ -637,17 +641,19 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
     resolve_device(device)  # a bad --device is refused before the run folder exists
 
     teacher, teacher_meta = model_from_checkpoint(teacher_path, with_sr=False)
-    _check_teacher(teacher_meta, teacher_path)
+    if teacher_meta.quantized:
+        raise UserError(teacher_path, f"is a quantized checkpoint (stage {teacher_meta.stage!r}); the teacher is the "
+                                      "FP32 model: pass the teacher's checkpoint (--teacher)")
     student_init = teacher.detector_state_dict()
     # The frozen teacher runs in eval mode, where folding BN into the convs is exact: one op fewer per layer.
     teacher = fold_bn(teacher).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     recipe = {**recipe, "model": teacher_meta.model, "input_mode": teacher_meta.input_mode}
-    bundle = load_data(recipe, data or teacher_meta.data, strict=strict, with_hr=False)
+    bundle = load_data(recipe, data or teacher_meta.dataset(teacher_path), strict=strict, with_hr=False)
     if bundle.spec.nc != teacher_meta.nc:
-        raise UserError(teacher_path, f"the teacher has {teacher_meta.nc} classes, the dataset {bundle.data_yaml} has "
-                                      f"{bundle.spec.nc}: train a teacher on this dataset first (--stage teacher)")
+        raise UserError(bundle.data_yaml, f"has {bundle.spec.nc} classes, the teacher {teacher_path} was trained on "
+                                          f"{teacher_meta.nc}: distil on the teacher's dataset (--data)")
     if rank == 0:  # after every check of the inputs: a refused run leaves no folder
         prepare_run_folder(out_dir, resume, overwrite)
     seed_everything(recipe["seed"])
