@@ -63,7 +63,7 @@ def test_a_teacher_of_other_classes_is_refused_before_the_run_folder(checkpoints
 def test_a_bit_plan_of_another_model_is_refused_though_its_layer_names_match(checkpoints, tmp_path):
     result = cli("train", "--stage", "ghost", "--teacher", checkpoints["teacher"], "--bit-plan", checkpoints["plan_n"],
                  "--epochs", "1", "--out", tmp_path / "run")
-    assert_user_error(result, checkpoints["plan_n"], "this bit plan is for ghost-n, the model is ghost-p")
+    assert_user_error(result, checkpoints["plan_n"], "the plan was made for another model (ghost-n)")
 
 
 @pytest.mark.parametrize("args,where,fragment", [

@@ -12,13 +12,7 @@ from ghost_deploy.quant.trace import conv_names, example_inputs, inputs_from_sha
 
 
 def check_plan_against_model(plan: BitPlan, model) -> None:
-    """UserError naming the plan file and its model, or the first unknown or missing layer.
-
-    Same-shaped configs share layer names (ghost-n and ghost-p), so the plan's `model_name` is checked first."""
-    ours = model_name(model)
-    if plan.model_name and plan.model_name != ours:
-        raise UserError(plan.source, f"this bit plan is for {plan.model_name}, the model is {ours} (its layers' "
-                                     "params and MACs differ): make a plan for this model (`ghost-deploy plan`)")
+    """UserError naming the plan file and the first unknown, missing or differently shaped layer."""
     names = conv_names(model)
     known = set(names)
     for name in plan.layers:
