@@ -83,3 +83,37 @@ def test_an_empty_recipe_is_refused_not_trained_on_defaults(tmp_path, text):
     result = cli("train", "--stage", "teacher", "--recipe", recipe, "--epochs", "1", "--out", tmp_path / "run")
     assert_user_error(result, recipe, "empty recipe")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,option,fragment", [
+    (["--avg-bits", "1"], "--avg-bits", "unreachable"),
+    (["--avg-bits", "4", "--size-mb", "0.3"], "--avg-bits", "give one budget, not --avg-bits and --size-mb"),
+    (["--avg-bits", "4", "--threshold", "0.2"], "--threshold", "give one or the other"),
+])
+def test_plan_budget_options_name_themselves(checkpoints, tmp_path, args, option, fragment):
+    result = cli("plan", checkpoints["teacher"], "--out", tmp_path / "p.json", *args)
+    assert_user_error(result, option, fragment)
+    assert not list(tmp_path.iterdir())
+
+
+def test_int4_weights_with_an_explicit_lower_opset_is_refused(checkpoints, tmp_path):
+    result = cli("export", "--onnx", checkpoints["quantized"], "--int4-weights", "--opset", "17", "--no-parity",
+                 "--out", tmp_path / "m.onnx")
+    assert_user_error(result, "--opset", "INT4 weights need opset 21")
+    assert not list(tmp_path.iterdir())
+
+
+def test_verify_names_what_it_was_given(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"not read")
+    assert_user_error(cli("build-engine", "--verify", tmp_path / "model.onnx"), "--verify", "is an ONNX, not an engine")
+    assert_user_error(cli("build-engine", "--verify", tmp_path / "nope.engine"), "--verify", "no such engine or receipt")
+    (tmp_path / "lone.engine").write_bytes(b"x")
+    assert_user_error(cli("build-engine", "--verify", tmp_path / "lone.engine"), tmp_path / "lone.receipt.json",
+                      "no receipt beside the engine lone.engine")
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_folder(tmp_path):
+    result = cli("train", "--stage", "teacher", "--amp", "fp16", "--device", "cpu", "--epochs", "1",
+                 "--out", tmp_path / "run")
+    assert_user_error(result, "--amp", "fp16 autocast needs a CUDA device")
+    assert not (tmp_path / "run").exists()

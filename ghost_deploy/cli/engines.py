@@ -41,10 +41,16 @@ def build_engine(onnx_path, target, out_dir, parity_set, checkpoint, dla_core, t
     """
 
     if verify_engine:
-        receipt = Path(verify_engine)
-        receipt = receipt if receipt.suffix == ".json" else receipt.with_suffix(".receipt.json")
+        given = Path(verify_engine)
+        if given.suffix == ".onnx":
+            raise UserError("--verify", f"{given} is an ONNX, not an engine: pass the engine (or its .receipt.json) "
+                                        "that build-engine wrote")
+        if not given.exists():
+            raise UserError("--verify", f"{given}: no such engine or receipt")
+        receipt = given if given.suffix == ".json" else given.with_suffix(".receipt.json")
         if not receipt.exists():
-            raise UserError(receipt, "no receipt beside this engine")
+            raise UserError(receipt, f"no receipt beside the engine {given.name} (build-engine writes one beside "
+                                     "each engine it builds)")
         problems = verify_runtime(receipt)
         for problem in problems:
             click.echo(f"mismatch: {problem}")

@@ -9,6 +9,7 @@ from ghost_deploy.checkpoint import read_meta
 from ghost_deploy.cli.options import COUNT, FILE, NON_NEGATIVE_INT, BoundedInt, refuse_overwriting_inputs
 from ghost_deploy.errors import UserError, handle_cli_errors
 from ghost_deploy.export.api import check_options, export_onnx
+from ghost_deploy.export.onnx_qdq import INT4_OPSET
 from ghost_deploy.export.sample import make_sample
 from ghost_deploy.quant.ptq import ptq_checkpoint
 
@@ -98,6 +99,10 @@ def _check_before_work(ctx: click.Context, weights, out, opset, target, fp32, in
                 option = next(p for p in ctx.command.params if p.name == name).opts[0]
                 raise UserError(option, "is read only for PTQ (--weights FP32_CKPT --calib MANIFEST); with --onnx it "
                                         "would be ignored")
+    if int4_weights and opset < INT4_OPSET and \
+            ctx.get_parameter_source("opset") is not click.core.ParameterSource.DEFAULT:
+        raise UserError("--opset", f"{opset}: INT4 weights need opset {INT4_OPSET} (leave --opset out with "
+                                   "--int4-weights, it is then raised for you)")
     if out is not None and Path(out).suffix != ".onnx":
         raise UserError("--out", f"{out} must end in .onnx (its parity set and report are written beside it)")
     check_options(target, opset, fp32, int4_weights)

@@ -108,8 +108,19 @@ def plan_command(checkpoint, out, threshold, distortion, avg_bits, size_mb, bops
     refuse_overwriting_inputs("--out", out, {"checkpoint the plan is made for": checkpoint})
     model, meta = model_from_checkpoint(checkpoint, with_sr=False)
     budget = {k: v for k, v in {"avg_bits": avg_bits, "size_mb": size_mb, "bops_g": bops_g}.items() if v is not None}
-    plan = choose_plan(model, "budget" if budget else "hq", meta.img_size, budget=budget, act_bits=act_bits,
-                       threshold=threshold if threshold is not None else 0.1, distortion=distortion)
+    options = {"avg_bits": "--avg-bits", "size_mb": "--size-mb", "bops_g": "--bops-g"}
+    if len(budget) > 1:
+        raise UserError(options[next(iter(budget))], f"give one budget, not {' and '.join(options[k] for k in budget)}")
+    if budget and threshold is not None:
+        raise UserError("--threshold", f"is HQ's threshold; with a budget ({options[next(iter(budget))]}) the bits "
+                                       "come from the budget: give one or the other")
+    try:
+        plan = choose_plan(model, "budget" if budget else "hq", meta.img_size, budget=budget, act_bits=act_bits,
+                           threshold=threshold if threshold is not None else 0.1, distortion=distortion)
+    except UserError as error:
+        if error.path is None and budget:  # an unreachable budget: name the option it came from
+            raise UserError(options[next(iter(budget))], error.problem) from None
+        raise
     if residual_outputs:
         plan = with_residual_outputs(plan, model)
     plan.save(out)

@@ -487,7 +487,7 @@ def train_teacher(recipe: dict, out_dir, data: str | None = None, device: str | 
     init_from: a checkpoint whose detector weights start the run (fine-tuning a teacher for as many epochs as
     GHOST trains, the control that tells extra epochs from distillation)."""
     out_dir = Path(out_dir)
-    resolve_device(device)  # a bad --device is refused before the run folder exists
+    amp_mode(recipe.get("amp", "auto"), resolve_device(device))  # a bad --device or --amp: refused before any folder
     if rank == 0:
         prepare_run_folder(out_dir, resume, overwrite)
     bundle = load_data(recipe, data, strict=strict)
@@ -638,7 +638,7 @@ def train_ghost(recipe: dict, out_dir, teacher_path, data: str | None = None, bi
                 overwrite: bool = False) -> dict:
     """GHOST: student initialised from the teacher, quantized with the bit plan, trained with GQSD + OST/SCM."""
     out_dir = Path(out_dir)
-    resolve_device(device)  # a bad --device is refused before the run folder exists
+    amp_mode(recipe.get("amp", "auto"), resolve_device(device))  # a bad --device or --amp: refused before any folder
 
     teacher, teacher_meta = model_from_checkpoint(teacher_path, with_sr=False)
     if teacher_meta.quantized:
