@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 from test_bad_input import assert_user_error  # the one-line, exit-2 contract
+from test_bad_input_more import cli
 
-from ghost_deploy.cli import main
 from ghost_deploy.data.synth import ensure_synthetic_dataset
-from ghost_deploy.errors import DEBUG
 from ghost_deploy.export.sample import build_sample_model, save_sample_checkpoint
 from ghost_deploy.quant import uniform_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def cli(*args):
-    try:
-        return CliRunner().invoke(main, [str(arg) for arg in args])
-    finally:
-        DEBUG["on"] = False
 
 
 @pytest.fixture(scope="module")
